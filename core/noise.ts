@@ -1,0 +1,455 @@
+/**
+ * The Noise Protocol Framework (revision 34), reduced to what dshield uses:
+ * the handshake patterns IK and IKpsk2 with X25519, an AEAD from a
+ * CipherPlugin (ChaChaPoly or AESGCM) and the hash BLAKE2s or SHA256.
+ *
+ *   IK:      <- s  ...  -> e, es, s, ss   <- e, ee, se
+ *   IKpsk2:  <- s  ...  -> e, es, s, ss   <- e, ee, se, psk
+ *
+ * Error contract: every failure to process a message from the peer (short or
+ * malformed message, failed authentication, low-order public key) throws a
+ * NoiseError (a DshieldError with code PROTOCOL); nothing else escapes. A
+ * HandshakeState that failed once refuses further use, so a caller cannot
+ * continue from a half-updated state by mistake.
+ */
+import { createHash, createHmac } from 'node:crypto';
+import { DshieldError, ErrorCodes } from './errors.ts';
+import type { CipherPlugin, NoiseHash } from './types.ts';
+import { dh as x25519, generateKeyPair, keyPairFromPrivate, type KeyPair, KEY_LENGTH } from './x25519.ts';
+
+/** The Noise hash functions; BLAKE2s is dshield's default. */
+export type HashName = NoiseHash;
+export const HASH_NAMES: readonly HashName[] = ['BLAKE2s', 'SHA256', 'BLAKE2b', 'SHA512'];
+export type HandshakePattern = 'IK' | 'IKpsk2';
+
+const NODE_HASH: Record<HashName, { name: string; length: number }> = {
+  BLAKE2s: { name: 'blake2s256', length: 32 },
+  SHA256: { name: 'sha256', length: 32 },
+  BLAKE2b: { name: 'blake2b512', length: 64 },
+  SHA512: { name: 'sha512', length: 64 },
+};
+const TAG_LENGTH = 16;
+const PSK_LENGTH = 32;
+/** Noise caps every message at 65535 bytes. */
+export const MAX_MESSAGE_LENGTH = 65535;
+/**
+ * Counters stay below 2^53 - 1 so they remain exact JavaScript numbers; Noise
+ * reserves 2^64 - 1, which we never get near. A CipherState refuses to go on
+ * once its counter reaches this value.
+ */
+export const MAX_COUNTER = Number.MAX_SAFE_INTEGER;
+
+const EMPTY = Buffer.alloc(0);
+
+/** A handshake or transport message failed; the peer gets no detail. */
+export class NoiseError extends DshieldError {
+  constructor(message: string, cause?: unknown) {
+    super(ErrorCodes.PROTOCOL, message, cause === undefined ? undefined : { cause });
+    this.name = 'NoiseError';
+  }
+}
+
+export function protocolName(pattern: HandshakePattern, cipher: CipherPlugin, hash: HashName): string {
+  return `Noise_${pattern}_25519_${cipher.noiseName}_${hash}`;
+}
+
+// ---------------------------------------------------------------------------
+// CipherState
+
+/**
+ * A key and a counter nonce. Without a key, encryption is the identity (Noise
+ * handshakes use that before the first DH). The counter only advances on
+ * success, as Noise requires.
+ */
+export class CipherState {
+  private key: Buffer | null;
+  /** The next nonce. */
+  counter = 0;
+
+  constructor(
+    private readonly cipher: CipherPlugin,
+    key?: Buffer,
+  ) {
+    this.key = key ?? null;
+  }
+
+  hasKey(): boolean {
+    return this.key !== null;
+  }
+
+  /** Throws NoiseError when the counter is exhausted (the session must rekey or close first). */
+  encryptWithAd(ad: Uint8Array, plaintext: Uint8Array): Buffer {
+    if (this.key === null) return Buffer.from(plaintext);
+    if (this.counter >= MAX_COUNTER) throw new NoiseError('record counter exhausted');
+    const out = this.cipher.encrypt(this.key, this.counter, ad, plaintext);
+    this.counter++;
+    return out;
+  }
+
+  /** Returns null when authentication fails (or the counter is exhausted); the counter then stays. */
+  decryptWithAd(ad: Uint8Array, ciphertext: Uint8Array): Buffer | null {
+    if (this.key === null) return Buffer.from(ciphertext);
+    if (this.counter >= MAX_COUNTER) return null;
+    const out = this.cipher.decrypt(this.key, this.counter, ad, ciphertext);
+    if (out !== null) this.counter++;
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// SymmetricState
+
+export class SymmetricState {
+  private chainingKey: Buffer;
+  private hashValue: Buffer;
+  private cipherState: CipherState;
+  private readonly nodeHash: string;
+
+  constructor(
+    private readonly cipher: CipherPlugin,
+    hash: HashName,
+    name: string,
+  ) {
+    const { name: nodeHash, length: hashLength } = NODE_HASH[hash];
+    this.nodeHash = nodeHash;
+    const nameBytes = Buffer.from(name, 'ascii');
+    if (nameBytes.length <= hashLength) {
+      // A short name is used as h directly, zero-padded (e.g. Noise_IK_25519_AESGCM_SHA256 is 28 bytes).
+      this.hashValue = Buffer.alloc(hashLength);
+      nameBytes.copy(this.hashValue);
+    } else {
+      this.hashValue = this.digest(nameBytes);
+    }
+    this.chainingKey = this.hashValue;
+    this.cipherState = new CipherState(cipher);
+  }
+
+  private digest(...parts: Uint8Array[]): Buffer {
+    const h = createHash(this.nodeHash);
+    for (const p of parts) h.update(p);
+    return h.digest();
+  }
+
+  private hmac(key: Uint8Array, ...parts: Uint8Array[]): Buffer {
+    const m = createHmac(this.nodeHash, key);
+    for (const p of parts) m.update(p);
+    return m.digest();
+  }
+
+  /** HKDF as Noise defines it (HMAC-based, 2 or 3 outputs of HASHLEN bytes). */
+  private hkdf(ikm: Uint8Array, outputs: 2 | 3): Buffer[] {
+    const tempKey = this.hmac(this.chainingKey, ikm);
+    const out1 = this.hmac(tempKey, Uint8Array.of(1));
+    const out2 = this.hmac(tempKey, out1, Uint8Array.of(2));
+    if (outputs === 2) return [out1, out2];
+    return [out1, out2, this.hmac(tempKey, out2, Uint8Array.of(3))];
+  }
+
+  mixKey(ikm: Uint8Array): void {
+    const [ck, tempK] = this.hkdf(ikm, 2);
+    this.chainingKey = ck!;
+    this.cipherState = new CipherState(this.cipher, tempK!.subarray(0, 32));
+  }
+
+  mixHash(data: Uint8Array): void {
+    this.hashValue = this.digest(this.hashValue, data);
+  }
+
+  mixKeyAndHash(ikm: Uint8Array): void {
+    const [ck, tempH, tempK] = this.hkdf(ikm, 3);
+    this.chainingKey = ck!;
+    this.mixHash(tempH!);
+    this.cipherState = new CipherState(this.cipher, tempK!.subarray(0, 32));
+  }
+
+  handshakeHash(): Buffer {
+    return Buffer.from(this.hashValue);
+  }
+
+  hasKey(): boolean {
+    return this.cipherState.hasKey();
+  }
+
+  encryptAndHash(plaintext: Uint8Array): Buffer {
+    const ct = this.cipherState.encryptWithAd(this.hashValue, plaintext);
+    this.mixHash(ct);
+    return ct;
+  }
+
+  /** Throws NoiseError when authentication fails. */
+  decryptAndHash(ciphertext: Uint8Array): Buffer {
+    const pt = this.cipherState.decryptWithAd(this.hashValue, ciphertext);
+    if (pt === null) throw new NoiseError('handshake message failed to authenticate');
+    this.mixHash(ciphertext);
+    return pt;
+  }
+
+  /** The two transport CipherStates: [initiator -> responder, responder -> initiator]. */
+  split(): [CipherState, CipherState] {
+    const [k1, k2] = this.hkdf(EMPTY, 2);
+    return [new CipherState(this.cipher, k1!.subarray(0, 32)), new CipherState(this.cipher, k2!.subarray(0, 32))];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// HandshakeState
+
+type Token = 'e' | 's' | 'es' | 'ss' | 'ee' | 'se' | 'psk';
+
+const PATTERNS: Record<HandshakePattern, Token[][]> = {
+  IK: [
+    ['e', 'es', 's', 'ss'],
+    ['e', 'ee', 'se'],
+  ],
+  IKpsk2: [
+    ['e', 'es', 's', 'ss'],
+    ['e', 'ee', 'se', 'psk'],
+  ],
+};
+
+export type DhFunction = (privateKey: Uint8Array, publicKey: Uint8Array) => Buffer;
+
+export interface HandshakeOptions {
+  pattern: HandshakePattern;
+  initiator: boolean;
+  cipher: CipherPlugin;
+  hash: HashName;
+  /** Bytes both sides must agree on (bound into the handshake hash). Default empty. */
+  prologue?: Uint8Array;
+  staticKey: KeyPair;
+  /** Initiator: the responder's static public key, known in advance (required for IK). */
+  remoteStaticKey?: Buffer;
+  /** IKpsk2: the 32-byte PSK. The responder may instead call setPsk() after reading message 1. */
+  psk?: Buffer;
+  /** The ephemeral PRIVATE key to use instead of a fresh one. For test vectors only. */
+  ephemeralPrivateKey?: Buffer;
+  /** Replaces X25519 (it must behave the same); lets trial readers share DH results. */
+  dh?: DhFunction;
+}
+
+/** The transport keys after the handshake, oriented for this side. */
+export interface TransportKeys {
+  send: CipherState;
+  receive: CipherState;
+  handshakeHash: Buffer;
+}
+
+/**
+ * One side of one IK / IKpsk2 handshake. Message order: the initiator calls
+ * writeMessage then readMessage; the responder readMessage then writeMessage.
+ * After that, isComplete is true and split() gives the transport keys.
+ */
+export class HandshakeState {
+  readonly pattern: HandshakePattern;
+  readonly initiator: boolean;
+  private readonly symmetric: SymmetricState;
+  private readonly staticKey: KeyPair;
+  private ephemeral: KeyPair | null = null;
+  private readonly injectedEphemeral: Buffer | undefined;
+  private remoteStatic: Buffer | null;
+  private remoteEphemeral: Buffer | null = null;
+  private psk: Buffer | null = null;
+  private readonly dh: DhFunction;
+  private messageIndex = 0;
+  private failed = false;
+
+  constructor(opts: HandshakeOptions) {
+    this.pattern = opts.pattern;
+    this.initiator = opts.initiator;
+    this.staticKey = opts.staticKey;
+    this.injectedEphemeral = opts.ephemeralPrivateKey;
+    this.dh = opts.dh ?? x25519;
+    if (opts.staticKey.privateKey.length !== KEY_LENGTH || opts.staticKey.publicKey.length !== KEY_LENGTH) {
+      throw new RangeError('static key pair must be two 32-byte keys');
+    }
+    if (opts.initiator && opts.remoteStaticKey?.length !== KEY_LENGTH) {
+      throw new RangeError('IK initiator needs the 32-byte remote static public key');
+    }
+    this.remoteStatic = opts.initiator ? Buffer.from(opts.remoteStaticKey!) : null;
+    if (opts.psk !== undefined) this.setPsk(opts.psk);
+
+    this.symmetric = new SymmetricState(opts.cipher, opts.hash, protocolName(opts.pattern, opts.cipher, opts.hash));
+    this.symmetric.mixHash(opts.prologue ?? EMPTY);
+    // Pre-message "<- s": the responder's static key is known to both sides.
+    this.symmetric.mixHash(opts.initiator ? this.remoteStatic! : this.staticKey.publicKey);
+  }
+
+  get usesPsk(): boolean {
+    return this.pattern === 'IKpsk2';
+  }
+
+  /** Sets the PSK (IKpsk2). The responder may call this after reading message 1, before writing message 2. */
+  setPsk(psk: Buffer): void {
+    if (!this.usesPsk) throw new RangeError(`pattern ${this.pattern} takes no PSK`);
+    if (psk.length !== PSK_LENGTH) throw new RangeError('PSK must be 32 bytes');
+    this.psk = Buffer.from(psk);
+  }
+
+  /** The peer's static public key: known from the start (initiator) or after message 1 (responder). */
+  get remoteStaticKey(): Buffer | null {
+    return this.remoteStatic;
+  }
+
+  get isComplete(): boolean {
+    return this.messageIndex === PATTERNS[this.pattern].length;
+  }
+
+  handshakeHash(): Buffer {
+    return this.symmetric.handshakeHash();
+  }
+
+  private isMyTurnToWrite(): boolean {
+    // Message 0 is the initiator's, message 1 the responder's.
+    return (this.messageIndex % 2 === 0) === this.initiator;
+  }
+
+  writeMessage(payload: Uint8Array = EMPTY): Buffer {
+    if (this.failed) throw new NoiseError('handshake already failed');
+    if (this.isComplete || !this.isMyTurnToWrite()) throw new Error('writeMessage called out of turn');
+    const tokens = PATTERNS[this.pattern][this.messageIndex]!;
+    if (tokens.includes('psk') && this.psk === null) throw new Error('IKpsk2 needs the PSK before writing this message');
+    const parts: Buffer[] = [];
+    for (const token of tokens) {
+      switch (token) {
+        case 'e': {
+          this.ephemeral =
+            this.injectedEphemeral !== undefined ? keyPairFromPrivate(this.injectedEphemeral) : generateKeyPair();
+          parts.push(this.ephemeral.publicKey);
+          this.symmetric.mixHash(this.ephemeral.publicKey);
+          if (this.usesPsk) this.symmetric.mixKey(this.ephemeral.publicKey);
+          break;
+        }
+        case 's':
+          parts.push(this.symmetric.encryptAndHash(this.staticKey.publicKey));
+          break;
+        case 'psk':
+          this.symmetric.mixKeyAndHash(this.psk!);
+          break;
+        default:
+          this.symmetric.mixKey(this.dhFor(token));
+      }
+    }
+    parts.push(this.symmetric.encryptAndHash(payload));
+    this.messageIndex++;
+    const message = Buffer.concat(parts);
+    if (message.length > MAX_MESSAGE_LENGTH) throw new RangeError('Noise message would exceed 65535 bytes');
+    return message;
+  }
+
+  /** Returns the decrypted payload. Throws NoiseError on any failure; the state is then unusable. */
+  readMessage(message: Uint8Array): Buffer {
+    if (this.failed) throw new NoiseError('handshake already failed');
+    if (this.isComplete || this.isMyTurnToWrite()) throw new Error('readMessage called out of turn');
+    const tokens = PATTERNS[this.pattern][this.messageIndex]!;
+    if (tokens.includes('psk') && this.psk === null) throw new Error('IKpsk2 needs the PSK before reading this message');
+    try {
+      if (message.length > MAX_MESSAGE_LENGTH) throw new NoiseError('handshake message too long');
+      let offset = 0;
+      const take = (n: number): Buffer => {
+        if (message.length - offset < n) throw new NoiseError('handshake message too short');
+        const piece = Buffer.from(message.subarray(offset, offset + n));
+        offset += n;
+        return piece;
+      };
+      for (const token of tokens) {
+        switch (token) {
+          case 'e': {
+            this.remoteEphemeral = take(KEY_LENGTH);
+            this.symmetric.mixHash(this.remoteEphemeral);
+            if (this.usesPsk) this.symmetric.mixKey(this.remoteEphemeral);
+            break;
+          }
+          case 's': {
+            const sealed = take(KEY_LENGTH + (this.symmetric.hasKey() ? TAG_LENGTH : 0));
+            this.remoteStatic = this.symmetric.decryptAndHash(sealed);
+            break;
+          }
+          case 'psk':
+            this.symmetric.mixKeyAndHash(this.psk!);
+            break;
+          default:
+            this.symmetric.mixKey(this.dhFor(token));
+        }
+      }
+      const payload = this.symmetric.decryptAndHash(message.subarray(offset));
+      this.messageIndex++;
+      return payload;
+    } catch (err) {
+      this.failed = true;
+      if (err instanceof NoiseError) throw err;
+      // x25519 throws for low-order points and malformed keys: a failed handshake, not a crash.
+      throw new NoiseError('handshake message rejected', err);
+    }
+  }
+
+  /** The DH for a token, from this side's point of view (first letter = initiator's key). */
+  private dhFor(token: Token): Buffer {
+    const localE = (): KeyPair => this.ephemeral ?? fail('no local ephemeral');
+    const remoteE = (): Buffer => this.remoteEphemeral ?? fail('no remote ephemeral');
+    const remoteS = (): Buffer => this.remoteStatic ?? fail('no remote static');
+    switch (token) {
+      case 'ee':
+        return this.dh(localE().privateKey, remoteE());
+      case 'ss':
+        return this.dh(this.staticKey.privateKey, remoteS());
+      case 'es':
+        return this.initiator
+          ? this.dh(localE().privateKey, remoteS())
+          : this.dh(this.staticKey.privateKey, remoteE());
+      case 'se':
+        return this.initiator
+          ? this.dh(this.staticKey.privateKey, remoteE())
+          : this.dh(localE().privateKey, remoteS());
+      default:
+        return fail(`not a DH token: ${token}`);
+    }
+  }
+
+  /** The transport keys, oriented for this side. Only after the handshake completed. */
+  split(): TransportKeys {
+    if (!this.isComplete || this.failed) throw new Error('split() before the handshake completed');
+    const [initiatorToResponder, responderToInitiator] = this.symmetric.split();
+    return this.initiator
+      ? { send: initiatorToResponder, receive: responderToInitiator, handshakeHash: this.handshakeHash() }
+      : { send: responderToInitiator, receive: initiatorToResponder, handshakeHash: this.handshakeHash() };
+  }
+}
+
+function fail(why: string): never {
+  throw new NoiseError(why);
+}
+
+/**
+ * Responder: read message 1 when the initiator may have used either of
+ * `patterns` (the pattern is part of the protocol name, so the server cannot
+ * know it before it knows the client). Both trials share the DH with the
+ * static key, so a garbage message costs one DH, a good one two.
+ * Returns the state that authenticated the message, or throws NoiseError.
+ */
+export function readInitiation(
+  opts: Omit<HandshakeOptions, 'pattern' | 'initiator' | 'remoteStaticKey' | 'dh' | 'psk'>,
+  message: Uint8Array,
+  patterns: readonly HandshakePattern[],
+): { state: HandshakeState; payload: Buffer } {
+  const memo = new Map<string, Buffer>();
+  const sharedDh: DhFunction = (priv, pub) => {
+    // Same private key (ours) for every DH in message 1; the public key identifies the result.
+    const id = Buffer.from(priv).toString('hex') + Buffer.from(pub).toString('hex');
+    let out = memo.get(id);
+    if (out === undefined) {
+      out = x25519(priv, pub);
+      memo.set(id, out);
+    }
+    return out;
+  };
+  let lastError: unknown = new NoiseError('no pattern to try');
+  for (const pattern of patterns) {
+    const state = new HandshakeState({ ...opts, pattern, initiator: false, dh: sharedDh });
+    try {
+      return { state, payload: state.readMessage(message) };
+    } catch (err) {
+      lastError = err;
+    }
+  }
+  throw lastError instanceof NoiseError ? lastError : new NoiseError('handshake message rejected', lastError);
+}

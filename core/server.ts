@@ -1,0 +1,135 @@
+/**
+ * Server mode.
+ *
+ *   transport.listen -> Link -> acceptSession (Noise IK, auth, silence on failure)
+ *     -> Session -> Mux -> OpenRequest -> outbound.connect(target) -> splice(stream, socket)
+ *                       -> UdpAssociation -> outbound.udp() relay
+ *
+ * One Mux per session. Sessions are logged (client name, address, bytes,
+ * duration) through the event bus. Shutdown stops accepting, lets open
+ * streams finish for up to `drainMs`, then closes what is left.
+ */
+import { acceptSession, ReplayGuard, type Session } from './session.ts';
+import { Mux } from './mux.ts';
+import { splice } from './splice.ts';
+import { loadCommonPlugins, staticKeyFrom, type Runtime } from './runtime.ts';
+import type { ClientIdentity, OutboundPlugin, TransportListener } from './types.ts';
+
+export interface ServerHandle {
+  /** The bound transport address ("host:port"). */
+  readonly address: string;
+  /** The server's static public key, base64. */
+  readonly publicKey: string;
+  /** Sessions currently up. */
+  readonly sessions: number;
+  /** Stop accepting, let streams finish for up to drainMs (default 5000), then close everything. */
+  close(drainMs?: number): Promise<void>;
+}
+
+export interface ServerOptions {
+  /** Override config.server.listen (local mode binds an ephemeral loopback port). */
+  listen?: string;
+  /** Extra egress allow ranges on top of server.egress.allow (local mode's demo page). */
+  outbound?: OutboundPlugin;
+}
+
+interface LiveSession {
+  session: Session;
+  mux: Mux;
+}
+
+export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promise<ServerHandle> {
+  const { config, events } = rt;
+  const log = rt.log.child('server');
+  const { transport, cipher, auth, hash } = await loadCommonPlugins(rt, 'server');
+  const outbound = opts.outbound ?? (await rt.load('outbound', config.server.outbound, 'server'));
+  const staticKey = staticKeyFrom(config.server.privateKey, 'server.privateKey');
+  const replay = new ReplayGuard();
+  const live = new Set<LiveSession>();
+  let accepting = true;
+
+  const serve = (session: Session): void => {
+    const peer = session.peer as ClientIdentity;
+    const started = Date.now();
+    const mux: Mux = new Mux({
+      side: 'server',
+      send: (payload) => session.send(payload),
+      maxPayload: session.maxPayload,
+      log: log.child(peer.name),
+      events,
+      client: peer.name,
+      onOpen(req) {
+        outbound.connect(req.target, rt.signal).then(
+          (socket) => {
+            void splice(req.accept(), socket);
+          },
+          (err: unknown) => req.reject(err),
+        );
+      },
+      onUdp(assoc) {
+        const relay = outbound.udp();
+        assoc.onMessage((to, payload) => relay.send(to, payload));
+        relay.onMessage((from, payload) => assoc.send(from, payload));
+        assoc.onClose(() => relay.close());
+      },
+    });
+    const entry: LiveSession = { session, mux };
+    live.add(entry);
+    events.emit('session:up', { side: 'server', client: peer.name, remote: session.remoteAddress });
+    session.start({
+      message: (payload) => mux.receive(payload),
+      drain: () => mux.drain(),
+      close: (err) => {
+        live.delete(entry);
+        mux.close(err);
+        events.emit('session:down', {
+          side: 'server',
+          client: peer.name,
+          remote: session.remoteAddress,
+          bytesIn: mux.bytesIn,
+          bytesOut: mux.bytesOut,
+          durationMs: Date.now() - started,
+          reason: err?.message,
+        });
+      },
+    });
+  };
+
+  const listener: TransportListener = await transport.listen(opts.listen ?? config.server.listen, (link) => {
+    if (!accepting) {
+      link.destroy();
+      return;
+    }
+    acceptSession(link, {
+      cipher,
+      hash,
+      staticKey,
+      auth,
+      replay,
+      handshakeTimeoutMs: config.server.handshakeTimeout,
+      log: log.child('handshake'),
+      respond: () => ({ v: 1 }),
+      onSession: serve,
+      onRefused: (reason) => events.emit('session:refused', { remote: link.remoteAddress, reason }),
+    });
+  });
+  events.emit('listening', { what: `server (${transport.name})`, address: listener.address });
+
+  let closing: Promise<void> | undefined;
+  return {
+    address: listener.address,
+    publicKey: staticKey.publicKey.toString('base64'),
+    get sessions() {
+      return live.size;
+    },
+    close(drainMs = 5000) {
+      closing ??= (async () => {
+        accepting = false;
+        await listener.close();
+        await Promise.all([...live].map((s) => s.mux.whenIdle(drainMs)));
+        for (const s of [...live]) s.session.close();
+      })();
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,540 @@
+/**
+ * Compliance suite for transport plugins: every plugins/transport-*.ts is
+ * found on disk and run through the same checks of the Link and
+ * TransportPlugin contracts (core/types.ts), over 127.0.0.1 (and ::1 when the
+ * machine has it). Datagram transports are reported as skipped here (this
+ * suite checks stream guarantees: order, no loss). tcp gets extra checks of
+ * its framing (garbage in, split chunks, zero-copy delivery).
+ *
+ *   npx tsx test/compliance/transport.test.ts
+ */
+import net from 'node:net';
+import { readdirSync } from 'node:fs';
+import { suite, test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { checkPluginDefinition } from '../../core/define.ts';
+import { isDshieldError } from '../../core/errors.ts';
+import type { Link, PluginContext, TransportListener, TransportPlugin } from '../../core/types.ts';
+import { testContext } from '../helpers/context.ts';
+import { patterned, probeLink, sendAll, sleep, type LinkProbe } from '../helpers/link-probe.ts';
+import { withTimeout } from '../helpers/timeout.ts';
+
+const PLUGIN_DIR = new URL('../../plugins/', import.meta.url);
+const MAX = 65535;
+
+interface Pair {
+  listener: TransportListener;
+  client: Link;
+  server: Link;
+  cleanup(): Promise<void>;
+}
+
+/** Listens on host:0, dials it, and returns both ends (neither started). */
+async function connectPair(t: TransportPlugin, host = '127.0.0.1'): Promise<Pair> {
+  let resolveServer!: (l: Link) => void;
+  const serverLink = new Promise<Link>((r) => (resolveServer = r));
+  const listener = await t.listen(`${host}:0`, (l) => resolveServer(l));
+  let client: Link | undefined;
+  try {
+    client = await withTimeout(t.dial(listener.address), 5_000, 'dial');
+    const server = await withTimeout(serverLink, 5_000, 'the server side of a link');
+    return {
+      listener,
+      client,
+      server,
+      async cleanup() {
+        client!.destroy();
+        server.destroy();
+        await listener.close();
+      },
+    };
+  } catch (err) {
+    client?.destroy();
+    await listener.close();
+    throw err;
+  }
+}
+
+/** A port on 127.0.0.1 that nothing listens on (bound, then released). */
+async function closedPort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address() as net.AddressInfo;
+  await new Promise<void>((r) => s.close(() => r()));
+  return port;
+}
+
+async function hasIPv6Loopback(): Promise<boolean> {
+  const s = net.createServer();
+  return new Promise((resolve) => {
+    s.once('error', () => resolve(false));
+    s.listen(0, '::1', () => s.close(() => resolve(true)));
+  });
+}
+
+function assertRecords(got: Buffer[], sizes: number[], what: string): void {
+  assert.is(got.length, sizes.length, `${what}: record count`);
+  for (let i = 0; i < sizes.length; i++) {
+    if (!got[i]!.equals(patterned(i, sizes[i]!))) assert.unreachable(`${what}: record ${i} (${sizes[i]} bytes) differs`);
+  }
+}
+
+/** Both close handlers have run once; a little later still exactly once. */
+async function assertClosedOnce(a: LinkProbe, b: LinkProbe, what: string): Promise<void> {
+  await a.until(() => a.closes.length > 0 && b.closes.length > 0, 8_000, `${what}: close on both ends`);
+  await sleep(100);
+  assert.is(a.closes.length, 1, `${what}: close called once on one end`);
+  assert.is(b.closes.length, 1, `${what}: close called once on the other end`);
+}
+
+function streamSuite(name: string, make: (ctx: PluginContext) => TransportPlugin | Promise<TransportPlugin>): void {
+  const s = suite(`transport ${name}`);
+  const controller = new AbortController();
+  const ctx = testContext({ signal: controller.signal });
+  let t: TransportPlugin;
+
+  s.before(async () => {
+    t = await make(ctx);
+  });
+  s.after(async () => {
+    await t.close?.();
+    controller.abort();
+  });
+
+  s('is a stream transport with the contract constants', () => {
+    assert.is(t.name, name);
+    assert.is(t.type, 'stream');
+  });
+
+  s('listens on 127.0.0.1:0 and reports the bound address; dial connects', async () => {
+    const p = await connectPair(t);
+    try {
+      const m = /^127\.0\.0\.1:(\d+)$/.exec(p.listener.address);
+      assert.ok(m, `bound address ${p.listener.address}`);
+      assert.ok(Number(m![1]) > 0, 'a real port, not 0');
+      for (const l of [p.client, p.server]) {
+        assert.is(l.type, 'stream');
+        assert.is(l.maxRecordSize, MAX);
+        assert.is(l.bufferedAmount, 0);
+      }
+      assert.is(p.client.remoteAddress, p.listener.address, 'client sees the server address');
+      assert.match(p.server.remoteAddress, /^127\.0\.0\.1:\d+$/);
+      assert.is.not(p.server.remoteAddress, p.listener.address);
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('IPv6: listens on [::1]:0 and dials it', async () => {
+    if (!(await hasIPv6Loopback())) {
+      console.log(`  (skipped for ${name}: this machine has no ::1)`);
+      return;
+    }
+    const p = await connectPair(t, '[::1]');
+    try {
+      assert.match(p.listener.address, /^\[::1\]:\d+$/);
+      assert.is(p.client.remoteAddress, p.listener.address);
+      assert.match(p.server.remoteAddress, /^\[::1\]:\d+$/);
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      a.link.send(patterned(0, 100));
+      await b.until(() => b.records.length === 1, 5_000, 'a record over IPv6');
+      assertRecords(b.records, [100], 'IPv6');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('records of 0, 1, 1000, 16384 and 65535 bytes arrive intact and in order, both ways at once', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      const sizes = [0, 1, 1000, 16384, MAX, 0, MAX, 16384, 1, 0];
+      const records = sizes.map((n, i) => patterned(i, n));
+      await Promise.all([sendAll(a, records), sendAll(b, records)]);
+      await b.until(() => b.records.length >= sizes.length, 5_000, 'records at the server');
+      await a.until(() => a.records.length >= sizes.length, 5_000, 'records at the client');
+      assertRecords(b.records, sizes, 'client -> server');
+      assertRecords(a.records, sizes, 'server -> client');
+      assert.is(a.closes.length + b.closes.length, 0, 'no close');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('5000 small records arrive in order', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      const sizes = Array.from({ length: 5000 }, (_, i) => (i * 13) % 97);
+      await sendAll(a, sizes.map((n, i) => patterned(i, n)));
+      await b.until(() => b.records.length >= sizes.length, 10_000, '5000 records');
+      assertRecords(b.records, sizes, 'small records');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('sendBatch delivers every record of a batch, in order', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      const sizes = [5, 0, 300, 16384, MAX, 16384, 16384, 16384, 16384, 1, 2, 3, ...Array(200).fill(40)];
+      const records = sizes.map((n, i) => patterned(i, n));
+      // Small batch (one buffer), large batch (corked), and an empty one.
+      a.link.sendBatch(records.slice(0, 4));
+      a.link.sendBatch([]);
+      a.link.sendBatch(records.slice(4, 12));
+      a.link.sendBatch(records.slice(12));
+      await b.until(() => b.records.length >= sizes.length, 5_000, 'batched records');
+      assertRecords(b.records, sizes, 'sendBatch');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('nothing is delivered before start(); what arrived early is delivered after, in order', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const sizes = [10, 0, 2000, 20];
+      for (let i = 0; i < sizes.length; i++) a.link.send(patterned(i, sizes[i]!));
+      await sleep(150); // the records are at the server's door by now
+      const b = probeLink(p.server, { start: false });
+      b.start();
+      assert.is(b.records.length, 0, 'start() itself delivers nothing synchronously');
+      await b.until(() => b.records.length >= sizes.length, 5_000, 'early records after start');
+      assertRecords(b.records, sizes, 'early records');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('backpressure: send() returns false while the peer does not read, then drain arrives and nothing is lost', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server, { start: false }); // not reading yet
+      let sent = 0;
+      let ok = true;
+      while (ok) {
+        ok = a.link.send(patterned(sent, 16384));
+        sent++;
+        if (sent > 8192) assert.unreachable('send() never returned false after 128 MiB');
+      }
+      assert.ok(a.link.bufferedAmount > 0, 'bytes are queued when send() says stop');
+      const drained = a.nextDrain(15_000);
+      b.start();
+      await drained;
+      assert.ok(a.drains >= 1, 'drain delivered');
+      await b.until(() => b.records.length >= sent, 15_000, `all ${sent} records after the drain`);
+      assertRecords(b.records, Array(sent).fill(16384), 'backpressured records');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('close() from the client flushes queued records, then both ends see close exactly once', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server, { start: false }); // not reading: the client's queue fills
+      const sizes: number[] = [];
+      while (a.link.bufferedAmount === 0 && sizes.length < 8192) {
+        a.link.send(patterned(sizes.length, 16384));
+        sizes.push(16384);
+      }
+      assert.ok(a.link.bufferedAmount > 0, 'records are queued in the link, not yet with the OS');
+      a.link.close();
+      b.start();
+      a.link.close(); // idempotent
+      assert.is(a.link.send(Buffer.alloc(10)), false, 'send after close() returns false');
+      await assertClosedOnce(a, b, 'client close');
+      assertRecords(b.records, sizes, 'records sent before close()');
+      assert.is(b.closes[0], undefined, 'an orderly close carries no error');
+      assert.not.throws(() => b.link.send(Buffer.alloc(10)), 'send on a closed link does not throw');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('close() from the server: both ends see close exactly once', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      b.link.send(patterned(0, 77));
+      b.link.close();
+      await assertClosedOnce(a, b, 'server close');
+      assertRecords(a.records, [77], 'record sent before close()');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('destroy() from either side: both ends see close exactly once', async () => {
+    for (const side of ['client', 'server'] as const) {
+      const p = await connectPair(t);
+      try {
+        const a = probeLink(p.client);
+        const b = probeLink(p.server);
+        (side === 'client' ? a : b).link.destroy();
+        (side === 'client' ? a : b).link.destroy();
+        await assertClosedOnce(a, b, `${side} destroy`);
+      } finally {
+        await p.cleanup();
+      }
+    }
+  });
+
+  s('a link closed by the peer before start() reports close once start() is called', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      a.link.destroy();
+      await a.until(() => a.closes.length === 1, 5_000, 'client close');
+      await sleep(100);
+      const b = probeLink(p.server);
+      await b.until(() => b.closes.length === 1, 5_000, 'close delivered after a late start()');
+      await sleep(50);
+      assert.is(b.closes.length, 1);
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('a record larger than maxRecordSize is refused with a RangeError and nothing is sent', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      assert.throws(() => a.link.send(Buffer.alloc(MAX + 1)), (e: unknown) => e instanceof RangeError);
+      assert.throws(
+        () => a.link.sendBatch([patterned(0, 10), Buffer.alloc(MAX + 1)]),
+        (e: unknown) => e instanceof RangeError,
+      );
+      a.link.send(patterned(0, 3));
+      await b.until(() => b.records.length >= 1, 5_000, 'the record after the refused ones');
+      await sleep(50);
+      assertRecords(b.records, [3], 'only the valid record arrived');
+      assert.is(b.closes.length, 0, 'the link is still up');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('closing the listener refuses new links and leaves existing ones working', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      await withTimeout(p.listener.close(), 2_000, 'listener.close()');
+      await p.listener.close(); // idempotent
+      const err = await withTimeout(
+        t.dial(p.listener.address).then(
+          (l) => (l.destroy(), null),
+          (e: unknown) => e,
+        ),
+        5_000,
+        'dial after listener.close()',
+      );
+      assert.ok(isDshieldError(err, 'DSHIELD_ERR_UNREACHABLE'), `got ${String(err)}`);
+      a.link.send(patterned(0, 500));
+      b.link.send(patterned(0, 600));
+      await b.until(() => b.records.length === 1, 5_000, 'a record after listener.close()');
+      await a.until(() => a.records.length === 1, 5_000, 'a reply after listener.close()');
+      assert.is(a.closes.length + b.closes.length, 0);
+    } finally {
+      await p.cleanup();
+    }
+  });
+
+  s('listen on a port in use rejects with DSHIELD_ERR_LISTEN', async () => {
+    const first = await t.listen('127.0.0.1:0', (l) => l.destroy());
+    try {
+      const err = await t.listen(first.address, (l) => l.destroy()).then(
+        (l) => (void l.close(), null),
+        (e: unknown) => e,
+      );
+      assert.ok(isDshieldError(err, 'DSHIELD_ERR_LISTEN'), `got ${String(err)}`);
+      assert.match((err as Error).message, `cannot listen on ${first.address}: address already in use`);
+    } finally {
+      await first.close();
+    }
+  });
+
+  s('a malformed listen address rejects with DSHIELD_ERR_CONFIG', async () => {
+    for (const bad of ['127.0.0.1', '::1:80', '127.0.0.1:99999', 'localhost:http']) {
+      const err = await t.listen(bad, (l) => l.destroy()).then(
+        (l) => (void l.close(), null),
+        (e: unknown) => e,
+      );
+      assert.ok(isDshieldError(err, 'DSHIELD_ERR_CONFIG'), `${bad}: got ${String(err)}`);
+    }
+  });
+
+  s('dial to a closed port rejects with DSHIELD_ERR_UNREACHABLE (reason refused)', async () => {
+    const port = await closedPort();
+    const err = await withTimeout(
+      t.dial(`127.0.0.1:${port}`).then(
+        (l) => (l.destroy(), null),
+        (e: unknown) => e,
+      ),
+      5_000,
+      'dial to a closed port',
+    );
+    assert.ok(isDshieldError(err, 'DSHIELD_ERR_UNREACHABLE'), `got ${String(err)}`);
+    assert.is((err as { detail?: { reason?: string } }).detail?.reason, 'refused');
+    assert.match((err as Error).message, 'connection refused');
+  });
+
+  s('dial with an aborted signal rejects without connecting', async () => {
+    const c = new AbortController();
+    c.abort();
+    const err = await t.dial('127.0.0.1:1', c.signal).then(
+      (l) => (l.destroy(), null),
+      (e: unknown) => e,
+    );
+    assert.instance(err, Error);
+    assert.is((err as Error).name, 'AbortError');
+  });
+
+  s('aborting ctx.signal closes the listener', async () => {
+    const c = new AbortController();
+    const own = await make(testContext({ signal: c.signal }));
+    const l = await own.listen('127.0.0.1:0', (link) => link.destroy());
+    c.abort();
+    await sleep(20);
+    const err = await withTimeout(
+      t.dial(l.address).then(
+        (link) => (link.destroy(), null),
+        (e: unknown) => e,
+      ),
+      5_000,
+      'dial after shutdown',
+    );
+    assert.ok(isDshieldError(err, 'DSHIELD_ERR_UNREACHABLE'), `got ${String(err)}`);
+  });
+
+  s.run();
+}
+
+// ---------------------------------------------------------------------------
+// tcp framing
+
+function tcpExtras(mod: typeof import('../../plugins/transport-tcp.ts')): void {
+  const { RecordReader } = mod;
+  const s = suite('transport tcp: framing');
+
+  s('the reader reassembles records split across chunks of any size', () => {
+    const sizes = [0, 1, 2, 255, 256, 1000, 16384, MAX, 0, 3, MAX, 0];
+    const records = sizes.map((n, i) => patterned(i, n));
+    const stream = Buffer.concat(records.map((r) => Buffer.concat([Buffer.from([r.length >> 8, r.length & 0xff]), r])));
+    for (const chunkSize of [1, 2, 3, 7, 1000, 65537, stream.length]) {
+      const got: Buffer[] = [];
+      const reader = new RecordReader((r) => got.push(Buffer.from(r)));
+      for (let at = 0; at < stream.length; at += chunkSize) reader.push(stream.subarray(at, at + chunkSize));
+      assertRecords(got, sizes, `chunks of ${chunkSize}`);
+    }
+  });
+
+  s('a record inside one chunk is delivered as a subarray of it (no copy)', () => {
+    const chunk = Buffer.from([0, 3, 1, 2, 3, 0, 0, 0, 2, 9, 9]);
+    const got: Buffer[] = [];
+    new RecordReader((r) => got.push(r)).push(chunk);
+    assert.is(got.length, 3);
+    assert.equal([...got[0]!], [1, 2, 3]);
+    assert.is(got[0]!.buffer, chunk.buffer, 'same memory');
+    assert.is(got[0]!.byteOffset, chunk.byteOffset + 2);
+    assert.is(got[1]!.length, 0);
+    assert.is(got[2]!.buffer, chunk.buffer);
+  });
+
+  s('garbage bytes from a plain socket parse as records, without a crash; EOF closes the link', async () => {
+    const ctx = testContext();
+    const t = mod.default.create({ connectTimeout: 5000, keepAlive: 0 }, ctx) as TransportPlugin;
+    let probe: LinkProbe | undefined;
+    const listener = await t.listen('127.0.0.1:0', (l) => (probe = probeLink(l)));
+    const sock = net.connect(Number(listener.address.split(':')[1]), '127.0.0.1');
+    try {
+      await withTimeout(new Promise((r) => sock.once('connect', r)), 5_000, 'raw connect');
+      // Deterministic garbage, sent in uneven chunks.
+      const garbage = Buffer.alloc(300_000);
+      let x = 12345;
+      for (let i = 0; i < garbage.length; i++) {
+        x = (x * 1103515245 + 12345) >>> 0;
+        garbage[i] = x >>> 24;
+      }
+      for (let at = 0, n = 1; at < garbage.length; at += n, n = (n * 7 + 3) % 5000) sock.write(garbage.subarray(at, at + n));
+      sock.end();
+      // What the framing says the garbage contains: whole records only.
+      const expected: Buffer[] = [];
+      for (let at = 0; at + 2 <= garbage.length; ) {
+        const len = garbage.readUInt16BE(at);
+        if (at + 2 + len > garbage.length) break;
+        expected.push(garbage.subarray(at + 2, at + 2 + len));
+        at += 2 + len;
+      }
+      await withTimeout(
+        (async () => {
+          while (!probe || probe.closes.length === 0) await sleep(10);
+        })(),
+        5_000,
+        'the garbage link to close',
+      );
+      assert.is(probe!.records.length, expected.length, 'records parsed from garbage');
+      for (let i = 0; i < expected.length; i++) assert.ok(probe!.records[i]!.equals(expected[i]!), `garbage record ${i}`);
+      assert.is(probe!.closes.length, 1);
+    } finally {
+      sock.destroy();
+      probe?.link.destroy();
+      await listener.close();
+    }
+  });
+
+  s.run();
+}
+
+// ---------------------------------------------------------------------------
+// discovery: every transport plugin on disk goes through the suite.
+// Everything async happens first: uvu starts running once the first suite is
+// queued and a tick passes, so all suites must be queued together.
+
+const files = readdirSync(PLUGIN_DIR)
+  .filter((f) => /^transport-[\w-]+\.ts$/.test(f))
+  .sort();
+const covered = new Map<string, 'stream' | 'skipped (datagram)'>();
+const streamTransports: { name: string; make: (ctx: PluginContext) => TransportPlugin | Promise<TransportPlugin> }[] = [];
+
+for (const file of files) {
+  const def = checkPluginDefinition((await import(new URL(file, PLUGIN_DIR).href)).default, 'transport', file);
+  const make = (ctx: PluginContext) => def.create({}, ctx) as TransportPlugin | Promise<TransportPlugin>;
+  const probeInstance = await make(testContext());
+  await probeInstance.close?.();
+  assert.is(`transport-${def.name}.ts`, file, 'file name matches the plugin name');
+  if (probeInstance.type === 'datagram') {
+    console.log(
+      `transport ${def.name}: a datagram transport; this stream suite (ordering, no loss) does not apply, skipped`,
+    );
+    covered.set(def.name, 'skipped (datagram)');
+    continue;
+  }
+  streamTransports.push({ name: def.name, make });
+  covered.set(def.name, 'stream');
+}
+const tcpModule = covered.has('tcp') ? await import('../../plugins/transport-tcp.ts') : undefined;
+
+for (const { name, make } of streamTransports) streamSuite(name, make);
+if (tcpModule) tcpExtras(tcpModule);
+
+test('every built-in transport is covered by this suite', () => {
+  assert.ok(files.includes('transport-tcp.ts') && files.includes('transport-ws.ts'), 'tcp and ws exist');
+  assert.equal(
+    [...covered.keys()].sort(),
+    files.map((f) => f.replace(/^transport-|\.ts$/g, '')).sort(),
+  );
+});
+test.run();

@@ -1,0 +1,166 @@
+/**
+ * What a man in the middle, a scanner and an unknown client see, with the
+ * real CLI on loopback: ciphertext only, and silence.
+ */
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { randomBytes } from 'node:crypto';
+import { connect } from 'node:net';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { stopAll, tempDir } from './helpers/cli.ts';
+import { curl } from './helpers/curl.ts';
+import { startRelay, type Relay } from './helpers/relay.ts';
+import { startClientProc, startServerProc, startTunnel } from './helpers/tunnel.ts';
+import { socksConnect } from './helpers/socks.ts';
+import { startWebServer, sha256, type WebServer } from './helpers/web.ts';
+import { generateKeyPair } from '../core/x25519.ts';
+
+const MARKER = 'PLAINTEXT-MARKER-7f3a9c-visible-only-inside-the-tunnel';
+const payload = Buffer.from(`${MARKER}\n`.repeat(40_000)); // ~2.2 MB of a recognisable plaintext
+let web: WebServer;
+const tmp = tempDir();
+const relays: Relay[] = [];
+
+function hostPort(address: string): { host: string; port: number } {
+  const i = address.lastIndexOf(':');
+  return { host: address.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(address.slice(i + 1)) };
+}
+
+async function relayTo(address: string): Promise<Relay> {
+  const relay = await startRelay(hostPort(address));
+  relays.push(relay);
+  return relay;
+}
+
+/** Resolves with every byte the socket receives within `ms`. */
+function collectFor(socket: import('node:net').Socket, ms: number): Promise<Buffer> {
+  return new Promise((resolve) => {
+    const got: Buffer[] = [];
+    socket.on('data', (c: Buffer) => got.push(c));
+    socket.on('error', () => {});
+    setTimeout(() => resolve(Buffer.concat(got)), ms);
+  });
+}
+
+test.before(async () => {
+  web = await startWebServer(payload);
+});
+
+test.after(async () => {
+  await stopAll();
+  for (const r of relays) await r.close();
+  await web?.close();
+  tmp.cleanup();
+});
+
+for (const transport of ['tcp', 'ws']) {
+  test(`${transport}: the bytes between client and server never contain the plaintext`, async () => {
+    let relay: Relay | undefined;
+    const t = await startTunnel({
+      transport,
+      via: async (address) => {
+        relay = await relayTo(address);
+        return `127.0.0.1:${relay.port}`;
+      },
+    });
+    try {
+      const down = await curl(['--socks5-hostname', t.socks, web.url(`/download?${MARKER}`)]);
+      assert.is(sha256(down), sha256(payload), 'the download arrived intact');
+      const upFile = join(tmp.dir, 'up.txt');
+      writeFileSync(upFile, payload);
+      const up = await curl(['--proxy', t.http, '-T', upFile, web.url('/upload')]);
+      assert.is(up, `${sha256(payload)} ${payload.length}`);
+
+      const { toServer, toClient } = relay!.total();
+      assert.ok(toServer > payload.length && toClient > payload.length, `the relay carried the traffic (${toServer}, ${toClient} bytes)`);
+      const seen = Buffer.concat([...relay!.toServer, ...relay!.toClient]);
+      assert.is(seen.indexOf(MARKER), -1, 'plaintext marker visible on the wire');
+      assert.is(seen.indexOf(Buffer.from(MARKER.slice(0, 16))), -1, 'part of the plaintext visible on the wire');
+      // (ws's HTTP upgrade names the relay's own 127.0.0.1 in its Host header, so only tcp can check this.)
+      if (transport === 'tcp') assert.is(seen.indexOf('127.0.0.1'), -1, 'the destination address is visible on the wire');
+    } finally {
+      await t.close();
+    }
+  });
+}
+
+test('wrong pinned server key: the client refuses with a clear error', async () => {
+  const s = await startServerProc();
+  try {
+    const wrong = generateKeyPair().publicKey.toString('base64');
+    const client = startClientProc(s.config, s.serverAddress, ['--set', `client.serverPublicKey=${wrong}`]);
+    const code = await client.exited(20_000);
+    assert.is(code, 1);
+    assert.match(client.output(), /man in the middle/);
+    assert.not.match(client.output(), /\n\s+at /, 'no stack trace');
+  } finally {
+    await s.server.stop();
+    s.cleanup();
+  }
+});
+
+test('unknown client key: the server sends nothing at all', async () => {
+  const s = await startServerProc();
+  try {
+    const relay = await relayTo(s.serverAddress);
+    const stranger = generateKeyPair().privateKey.toString('base64');
+    const client = startClientProc(s.config, `127.0.0.1:${relay.port}`, ['--set', `client.privateKey=${stranger}`]);
+    const code = await client.exited(20_000);
+    assert.is(code, 1);
+    assert.match(client.output(), /DSHIELD_ERR_HANDSHAKE_TIMEOUT/);
+    assert.ok(relay.total().toServer > 0, 'the client did send its initiation');
+    assert.is(relay.total().toClient, 0, 'the server answered an unknown client');
+  } finally {
+    await s.server.stop();
+    s.cleanup();
+  }
+});
+
+test('random bytes to the server port: no reply, no crash, good clients still served', async () => {
+  const t = await startTunnel();
+  try {
+    const { host, port } = hostPort(t.serverAddress);
+    const scans = [64, 4096, 300_000].map(async (size) => {
+      const sock = connect(port, host);
+      await new Promise((r) => sock.once('connect', r));
+      sock.write(randomBytes(size));
+      const got = await collectFor(sock, 1500);
+      sock.destroy();
+      return got.length;
+    });
+    assert.equal(await Promise.all(scans), [0, 0, 0], 'the server replied to garbage');
+    assert.is(t.server.child.exitCode, null, 'the server is still running');
+    const page = await curl(['--socks5-hostname', t.socks, web.url('/hello')]);
+    assert.is(page, 'hello through the tunnel\n');
+  } finally {
+    await t.close();
+  }
+});
+
+test('egress: 127.0.0.1 is refused by default (SOCKS reply 0x02)', async () => {
+  const t = await startTunnel({ allow: [] });
+  try {
+    const { reply, socket } = await socksConnect(Number(t.socks.split(':')[1]), '127.0.0.1', web.port);
+    socket.destroy();
+    assert.is(reply, 0x02);
+    const { reply: viaName, socket: s2 } = await socksConnect(Number(t.socks.split(':')[1]), 'localhost', web.port);
+    s2.destroy();
+    assert.is(viaName, 0x02, 'a name that resolves to loopback is refused too');
+  } finally {
+    await t.close();
+  }
+});
+
+test('egress: 127.0.0.1 is allowed when server.egress.allow includes it', async () => {
+  const t = await startTunnel({ allow: ['127.0.0.1/32'] });
+  try {
+    const { reply, socket } = await socksConnect(Number(t.socks.split(':')[1]), '127.0.0.1', web.port);
+    socket.destroy();
+    assert.is(reply, 0x00);
+  } finally {
+    await t.close();
+  }
+});
+
+test.run();
