@@ -850,12 +850,25 @@ function suggestOverride(segments: string[], origin: Origin): string {
 
 /** Adds the entries `dshield invite` wrote to server.clientsFile, if it exists. */
 function mergeClientsFile(config: ResolvedConfig): void {
-  const file = config.server.clientsFile;
+  const entries = readClientsFile(config.server.clientsFile);
+  for (const entry of entries) {
+    if (config.server.clients.some((c) => c.name === entry.name)) {
+      throw configError(`server.clients: "${entry.name}" is listed in the config and again in ${config.server.clientsFile}; remove one`);
+    }
+  }
+  config.server.clients = [...config.server.clients, ...entries];
+}
+
+/**
+ * The entries of a clients file (`dshield invite` writes it): [] when it does
+ * not exist; DshieldError(CONFIG or KEY) naming the file when it is malformed.
+ */
+export function readClientsFile(file: string): ClientEntry[] {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
   } catch (err) {
-    if ((err as { code?: string }).code === 'ENOENT') return;
+    if ((err as { code?: string }).code === 'ENOENT') return [];
     throw configError(`server.clientsFile: cannot read ${file} (${(err as { code?: string }).code ?? firstLine(err)})`);
   }
   let parsed: unknown;
@@ -875,11 +888,8 @@ function mergeClientsFile(config: ResolvedConfig): void {
     if (!isInlineKey(entry.publicKey)) {
       throw new DshieldError(ErrorCodes.KEY, `server.clientsFile: ${file}[${i}] "${entry.name}": publicKey must be base64 of 32 bytes`);
     }
-    if (config.server.clients.some((c) => c.name === entry.name)) {
-      throw configError(`server.clients: "${entry.name}" is listed in the config and again in ${file}; remove one`);
-    }
   }
-  config.server.clients = [...config.server.clients, ...entries];
+  return entries;
 }
 
 function keyError(what: string, message: string, sources: Map<string, Origin>, sourceKey = what): DshieldError {

@@ -18,6 +18,7 @@ import { parseHostPort } from './hostport.ts';
 import { decodeKey, encodeKey, readKeyRef } from './keys.ts';
 import { generateKeyPair, publicKeyFromPrivate } from './x25519.ts';
 import { HASH_NAMES } from './noise.ts';
+import { readClientsFile } from './config.ts';
 import type { ClientEntry, NoiseHash, PluginRef, ResolvedConfig, ResolvedPluginRef, UserConfig } from './types.ts';
 
 export const INVITE_PREFIX = 'dshield://';
@@ -222,25 +223,6 @@ function pskOf(config: ResolvedConfig): string | undefined {
 
 function refForInvite(ref: ResolvedPluginRef): PluginRef {
   return Object.keys(ref.options).length === 0 ? ref.use : { ...ref.options, use: ref.use };
-}
-
-function readClientsFile(file: string): ClientEntry[] {
-  let text: string;
-  try {
-    text = readFileSync(file, 'utf8');
-  } catch (err) {
-    if ((err as { code?: string }).code === 'ENOENT') return [];
-    throw new DshieldError(ErrorCodes.CONFIG, `server.clientsFile: cannot read ${file} (${(err as { code?: string }).code ?? String(err)})`);
-  }
-  if (text.trim() === '') return [];
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch {
-    throw new DshieldError(ErrorCodes.CONFIG, `server.clientsFile: ${file} is not valid JSON; fix or remove it`);
-  }
-  if (!Array.isArray(parsed)) throw new DshieldError(ErrorCodes.CONFIG, `server.clientsFile: ${file} must hold a JSON list`);
-  return parsed as ClientEntry[];
 }
 
 /** Replaces `file` with `text` in one step (a reader sees the old or the new file, never half). */

@@ -260,8 +260,9 @@ class MuxStream extends Duplex {
     readonly window: number,
     state: StreamState,
   ) {
-    // readableHighWaterMark <= window / 2: _read (which grants credit) then runs
-    // while at least half the window is free, so a stalled sender always gets credit.
+    // readableHighWaterMark = window / 2: Node calls _read (which checks for a
+    // grant) once a read leaves less than that buffered, i.e. with at least
+    // half the window free, which is when a batched grant is due.
     super({ allowHalfOpen: true, readableHighWaterMark: window >>> 1, writableHighWaterMark: WRITABLE_HWM });
     this.state = state;
   }
@@ -301,6 +302,8 @@ const NO_CHUNKS: Buffer[] = [];
 interface UdpHost {
   send(a: Assoc, target: Target, payload: Buffer): void;
   close(a: Assoc): void;
+  /** Runs an owner's handler; a throw is logged, not propagated. */
+  safely(what: string, fn: () => void): void;
 }
 
 /** A UDP association, either side. */
@@ -322,7 +325,7 @@ class Assoc implements UdpAssociation, MuxUdp {
     this.messageHandler = handler;
   }
   onClose(handler: () => void): void {
-    if (this.closed) queueMicrotask(handler);
+    if (this.closed) queueMicrotask(() => this.host.safely('udp close handler', handler));
     else this.closeHandlers.push(handler);
   }
   close(): void {
@@ -338,7 +341,7 @@ class Assoc implements UdpAssociation, MuxUdp {
     this.closed = true;
     const handlers = this.closeHandlers;
     this.closeHandlers = [];
-    for (const h of handlers) h();
+    for (const h of handlers) this.host.safely('udp close handler', h);
   }
 }
 
@@ -463,6 +466,7 @@ export class Mux {
     this.udpHost = {
       send: (a, target, payload) => this.udpSend(a, target, payload),
       close: (a) => this.udpClose(a),
+      safely: (what, fn) => this.safely(what, fn),
     };
   }
 
@@ -629,7 +633,7 @@ export class Mux {
     }
     const udps = [...this.udps.values()];
     this.udps.clear();
-    for (const a of udps) this.safely('udp close handler', () => a.ended());
+    for (const a of udps) a.ended();
     for (const p of this.pings.values()) {
       clearTimeout(p.timer);
       p.reject(openReason);
@@ -917,7 +921,7 @@ export class Mux {
     const assoc = this.udps.get(id);
     if (!assoc) return undefined;
     this.udps.delete(id);
-    this.safely('udp close handler', () => assoc.ended());
+    assoc.ended();
     return len === 0 ? undefined : 'UDP_CLOSE with a body';
   }
 
@@ -1042,7 +1046,7 @@ export class Mux {
       // Destroyed here before the protocol closed: tell the peer.
       const state = s.state;
       this.cancelOrReset(s);
-      this.finishStream(s, err ? errorText(err) : 'destroyed');
+      this.finishStream(s, err ? errorText(err) : 'reset');
       if (state === 'opening') s.settle?.(streamReset(s, `the stream to ${s.targetText} was destroyed while opening`));
     }
     this.ready.delete(s);
@@ -1136,7 +1140,7 @@ export class Mux {
         this.scheduleFlush();
       }
     }
-    this.safely('udp close handler', () => a.ended());
+    a.ended();
   }
 
   // -------------------------------------------------------------------------
@@ -1150,7 +1154,9 @@ export class Mux {
   }
 
   private reply(frame: Buffer): void {
-    if (this.replies.size >= MAX_REPLIES) return; // the peer outruns us: it can ask again
+    // Not congested, the queue empties at the end of this microtask (one
+    // payload's worth at most); congested, the peer outruns us: drop, it can ask again.
+    if (this.congested && this.replies.size >= MAX_REPLIES) return;
     this.replies.push(frame);
     this.scheduleFlush();
   }

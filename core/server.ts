@@ -13,7 +13,10 @@ import { acceptSession, ReplayGuard, type Session } from './session.ts';
 import { Mux } from './mux.ts';
 import { splice } from './splice.ts';
 import { loadCommonPlugins, staticKeyFrom, type Runtime } from './runtime.ts';
-import type { ClientIdentity, OutboundPlugin, TransportListener } from './types.ts';
+import { readClientsFile } from './config.ts';
+import { isDshieldError } from './errors.ts';
+import { watchFile, unwatchFile } from 'node:fs';
+import type { AuthPlugin, ClientIdentity, Logger, OutboundPlugin, TransportListener } from './types.ts';
 
 export interface ServerHandle {
   /** The bound transport address ("host:port"). */
@@ -114,6 +117,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
     });
   });
   events.emit('listening', { what: `server (${transport.name})`, address: listener.address });
+  const stopWatching = watchClientsFile(rt, auth, log);
 
   let closing: Promise<void> | undefined;
   return {
@@ -125,6 +129,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
     close(drainMs = 5000) {
       closing ??= (async () => {
         accepting = false;
+        stopWatching();
         await listener.close();
         await Promise.all([...live].map((s) => s.mux.whenIdle(drainMs)));
         for (const s of [...live]) s.session.close();
@@ -132,4 +137,30 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
       return closing;
     },
   };
+}
+
+/**
+ * `dshield invite` appends to server.clientsFile while the server may be
+ * running: reload the authorized clients when that file changes. A broken
+ * file is reported and the previous list stays in force.
+ */
+function watchClientsFile(rt: Runtime, auth: AuthPlugin, log: Logger): () => void {
+  const file = rt.config.server.clientsFile;
+  if (!auth.setClients || !file) return () => {};
+  const fromFileAtStart = new Set(readClientsFile(file).map((c) => c.name));
+  const fromConfig = rt.config.server.clients.filter((c) => !fromFileAtStart.has(c.name));
+  const reload = () => {
+    try {
+      const fromFile = readClientsFile(file);
+      auth.setClients!([...fromConfig, ...fromFile]);
+      log.info(`reloaded ${file}: ${fromConfig.length + fromFile.length} authorized clients`);
+    } catch (err) {
+      log.warn(`not reloading ${file}: ${isDshieldError(err) ? err.message : String(err)}`);
+    }
+  };
+  // Polling rather than fs.watch: it survives the atomic rename `invite` does.
+  watchFile(file, { interval: 1000, persistent: false }, (now, before) => {
+    if (now.mtimeMs !== before.mtimeMs || now.ino !== before.ino) reload();
+  });
+  return () => unwatchFile(file);
 }

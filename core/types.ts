@@ -222,6 +222,13 @@ export interface AuthPlugin extends Closable {
    * with no argument. Both sides must agree or the handshake fails (silently).
    */
   psk(clientPublicKey?: Buffer): Buffer | undefined;
+  /**
+   * Server side, optional: replace the list that came from server.clients.
+   * The server calls it when server.clientsFile changes, so a client added
+   * by `dshield invite` may connect without a restart. Throws
+   * DshieldError(KEY) for a malformed entry, keeping the old list.
+   */
+  setClients?(clients: ClientEntry[]): void;
 }
 
 // ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@
  */
 import { checkClientEntries, clientLookup, type ClientLookup } from '../core/clients.ts';
 import { definePlugin } from '../core/define.ts';
-import type { AuthPlugin } from '../core/types.ts';
+import type { AuthPlugin, ClientEntry } from '../core/types.ts';
 
 export interface KeysAuthOptions {
   /** More clients, { name, publicKey (base64) }, added to server.clients. */
@@ -28,22 +28,22 @@ export default definePlugin<'auth', KeysAuthOptions>({
     },
   },
   create(options, ctx): AuthPlugin {
-    // The client never authorizes anyone; the server's list means nothing there.
-    let lookup: ClientLookup = () => null;
-    if (ctx.mode === 'server') {
-      const clients = checkClientEntries({
-        'server.clients': ctx.config.server.clients,
-        'option "clients"': options.clients,
-      });
+    const index = (serverClients: readonly ClientEntry[]): ClientLookup => {
+      const clients = checkClientEntries({ 'server.clients': serverClients, 'option "clients"': options.clients });
       if (clients.length === 0) {
         ctx.log.warn('no client is authorized yet: every handshake will be refused until server.clients lists one');
       }
-      lookup = clientLookup(clients);
-    }
+      return clientLookup(clients);
+    };
+    // The client never authorizes anyone; the server's list means nothing there.
+    let lookup: ClientLookup = ctx.mode === 'server' ? index(ctx.config.server.clients) : () => null;
     return {
       name: 'keys',
       authorize: (clientPublicKey) => lookup(clientPublicKey),
       psk: () => undefined,
+      setClients(clients) {
+        lookup = index(clients);
+      },
     };
   },
 });

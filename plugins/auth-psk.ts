@@ -14,7 +14,7 @@ import { checkClientEntries, clientLookup, type ClientLookup } from '../core/cli
 import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
 import { isInlineKey, readKeyRef } from '../core/keys.ts';
-import type { AuthPlugin, Logger } from '../core/types.ts';
+import type { AuthPlugin, ClientEntry, Logger } from '../core/types.ts';
 
 export interface PskAuthOptions {
   /** Base64 of 32 bytes, or a path (relative to the config's directory) to a file holding it. */
@@ -86,25 +86,26 @@ export default definePlugin<'auth', PskAuthOptions>({
     const shared = loadPsk(options.psk, 'option "psk"', ctx.baseDir, ctx.log);
 
     let lookup: ClientLookup = () => null;
-    const perClient = new Map<string, Buffer>();
-    if (ctx.mode === 'server') {
-      const clients = checkClientEntries({
-        'server.clients': ctx.config.server.clients,
-        'option "clients"': options.clients,
-      });
+    let perClient = new Map<string, Buffer>();
+    const index = (serverClients: readonly ClientEntry[]): void => {
+      const clients = checkClientEntries({ 'server.clients': serverClients, 'option "clients"': options.clients });
+      const psks = new Map<string, Buffer>();
       for (const client of clients) {
         const withPsk = client.entries.filter(({ entry }) => entry.psk !== undefined);
         if (withPsk.length > 1) {
           throw new DshieldError(ErrorCodes.KEY, `${withPsk[1]!.label} gives a second psk for the same client as ${withPsk[0]!.label}: keep one`);
         }
         const [own] = withPsk;
-        if (own) perClient.set(client.identity.publicKey, loadPsk(own.entry.psk, `${own.label} psk`, ctx.baseDir, ctx.log));
+        if (own) psks.set(client.identity.publicKey, loadPsk(own.entry.psk, `${own.label} psk`, ctx.baseDir, ctx.log));
       }
       if (clients.length === 0) {
         ctx.log.warn('no client is authorized yet: every handshake will be refused until server.clients lists one');
       }
       lookup = clientLookup(clients);
-    }
+      perClient = psks;
+    };
+    // The client never authorizes anyone; the server's list means nothing there.
+    if (ctx.mode === 'server') index(ctx.config.server.clients);
 
     return {
       name: 'psk',
@@ -114,6 +115,7 @@ export default definePlugin<'auth', PskAuthOptions>({
         const own = Buffer.isBuffer(clientPublicKey) ? perClient.get(clientPublicKey.toString('base64')) : undefined;
         return Buffer.from(own ?? shared);
       },
+      setClients: index,
     };
   },
 });

@@ -6,7 +6,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { execFile } from 'node:child_process';
-import { startCli, stopAll } from './helpers/cli.ts';
+import { runCli, startCli, stopAll, tempDir } from './helpers/cli.ts';
 import { curl } from './helpers/curl.ts';
 import { startClientProc, startServerProc, startTunnel } from './helpers/tunnel.ts';
 import { SLOW_CHUNK, startWebServer, type WebServer } from './helpers/web.ts';
@@ -76,6 +76,28 @@ test('the client reconnects after the server restarts, and a new stream waits fo
     await second?.stop();
     await first.server.stop();
     first.cleanup();
+  }
+});
+
+test('invite while the server runs: the new client connects without a restart', async () => {
+  const s = await startServerProc();
+  const elsewhere = tempDir();
+  try {
+    const r = await runCli(['invite', 'laptop', '--config', s.config, '--address', s.serverAddress]);
+    assert.is(r.code, 0, r.stderr);
+    await s.server.waitFor(/reloaded .*clients\.json: 2 authorized clients/, 10_000);
+    const client = startCli(
+      ['--mode', 'client', '--invite', r.stdout.trim(), '--set', 'client.socks="127.0.0.1:0"', '--set', 'client.http=false'],
+      { cwd: elsewhere.dir },
+    );
+    const [, socks] = await client.waitFor(/proxy ready: socks5:\/\/(\S+)/);
+    assert.is(await curl(['--socks5-hostname', socks!, web.url('/hello')], 10_000), 'hello through the tunnel\n');
+    assert.match(s.server.output(), /session up: laptop from/);
+    await client.stop();
+  } finally {
+    await s.server.stop();
+    s.cleanup();
+    elsewhere.cleanup();
   }
 });
 
