@@ -10,7 +10,7 @@
  * ping on an idle tunnel keeps NAT mappings open and notices a dead link.
  */
 import { connectSession, type Session } from './session.ts';
-import { Mux } from './mux.ts';
+import { Mux, STREAM_WINDOW } from './mux.ts';
 import { decodeKey } from './keys.ts';
 import { DshieldError, ErrorCodes } from './errors.ts';
 import { loadCommonPlugins, staticKeyFrom, type CommonPlugins, type Runtime } from './runtime.ts';
@@ -131,6 +131,7 @@ class Connection {
       side: 'client',
       send: (payload) => session.send(payload),
       maxPayload: session.maxPayload,
+      initialWindow: STREAM_WINDOW,
       log: this.log.child('mux'),
       events: this.rt.events,
     });

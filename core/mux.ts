@@ -183,6 +183,14 @@ export const WIRE_ERROR_CODES: readonly ErrorCode[] = [
 ];
 
 const DEFAULT_WINDOW = PROTOCOL_WINDOW;
+/**
+ * The receive window the client and server give each stream. The credit
+ * round trip runs through both event loops, so when they are busy a small
+ * window idles the stream: in local mode a 256 KiB window carried ~70 MB/s
+ * and 2 MiB ~110 MB/s. Credit is a promise, not an allocation: an idle
+ * stream costs nothing for it.
+ */
+export const STREAM_WINDOW = 2 * 1024 * 1024;
 const MIN_WINDOW = 32 * 1024;
 const MAX_WINDOW = 2 ** 30;
 const MIN_PAYLOAD = 512;

@@ -10,7 +10,7 @@
  * streams finish for up to `drainMs`, then closes what is left.
  */
 import { acceptSession, ReplayGuard, type Session } from './session.ts';
-import { Mux } from './mux.ts';
+import { Mux, STREAM_WINDOW } from './mux.ts';
 import { splice } from './splice.ts';
 import { loadCommonPlugins, staticKeyFrom, type Runtime } from './runtime.ts';
 import { readClientsFile } from './config.ts';
@@ -58,6 +58,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
       side: 'server',
       send: (payload) => session.send(payload),
       maxPayload: session.maxPayload,
+      initialWindow: STREAM_WINDOW,
       log: log.child(peer.name),
       events,
       client: peer.name,

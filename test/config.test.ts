@@ -243,7 +243,7 @@ test('every kind of bad setting is one CONFIG line naming the key and the origin
     [{ logging: { use: 'console' } }, /^logging: expected a list of plugins/],
     [{ logging: [{ level: 'debug' }] }, /^logging\[0\]: expected \{ use: "name", \.\.\.options \}/],
     [{ transport: 5 }, /^transport: expected a plugin name, a path, or \{ use: "name", \.\.\.options \}, got 5/],
-    [{ hash: 'MD5' }, /^hash: expected "BLAKE2s" or "SHA256", got "MD5"/],
+    [{ hash: 'MD5' }, /^hash: expected one of "BLAKE2s", "SHA256", "BLAKE2b", "SHA512", got "MD5"/],
     [{ client: 'x' }, /^client: expected an object of settings, got "x"/],
     [{ client: { server: 'http://x:1' } }, /^client\.server: expected "host:port" or a ws:\/\/ or wss:\/\/ URL/],
   ];
