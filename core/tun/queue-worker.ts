@@ -1,0 +1,85 @@
+/**
+ * Worker entry: the pump between one TUN queue fd and the main thread.
+ *
+ *   TUN fd --read--> rx ring --(Atomics.notify)--> main thread onPacket
+ *   main thread write() --> tx ring --(eventfd wake)--> write --> TUN fd
+ *
+ * The loop blocks in poll(2) only when there is nothing to do, so under load
+ * neither side pays for a wake-up: packets that arrive while the other side is
+ * busy are handed over in one go. When the rx ring is full the pump stops
+ * reading and the kernel's queue (txqueuelen) fills and drops, which is how
+ * an IP device sheds load; memory never grows.
+ *
+ * workerData: PumpData. The worker never closes the fds: the main thread does
+ * once this thread has exited, so no fd number is used after it was reused.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { TunQueueIo } from './queue-io.ts';
+import { PacketRing } from './ring.ts';
+import { CTRL_ENDED, CTRL_ERRNO, CTRL_STOP, CTRL_TX_ERRORS, type PumpData } from './pump-protocol.ts';
+
+const data = workerData as PumpData;
+const io = new TunQueueIo(data.fd, data.wakeFd);
+const rx = new PacketRing(data.rx);
+const tx = new PacketRing(data.tx);
+const ctrl = new Int32Array(data.ctrl);
+/** Packets per batch before checking the other direction (fairness, latency). */
+const BATCH = 256;
+
+function notifyMain(): void {
+  Atomics.add(rx.int32, PacketRing.SEQ_INDEX, 1);
+  Atomics.notify(rx.int32, PacketRing.SEQ_INDEX);
+}
+
+function run(): void {
+  let rxBlocked = false;
+  const writeOne = (p: Uint8Array) => {
+    if (!io.write(p)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
+  };
+  while (Atomics.load(ctrl, CTRL_STOP) === 0) {
+    // Main thread -> TUN.
+    const written = tx.consume(writeOne, BATCH);
+    if (written > 0 && tx.takeProducerWaiting()) notifyMain();
+
+    // TUN -> main thread: drain what the kernel has queued, up to a batch.
+    let got = 0;
+    rxBlocked = false;
+    while (got < BATCH) {
+      let slot = rx.reserve(data.maxPacket);
+      if (slot === null) {
+        rx.markProducerWaiting();
+        slot = rx.reserve(data.maxPacket); // the consumer may have freed space meanwhile
+        if (slot === null) {
+          rxBlocked = true;
+          break;
+        }
+      }
+      const n = io.read(slot);
+      if (n === 0) break;
+      rx.commit(n);
+      got++;
+    }
+    if (got > 0 && rx.publish()) notifyMain();
+    if (got === BATCH || written === BATCH) continue;
+
+    // Nothing left: sleep until the fd is readable or main wakes us (tx data,
+    // rx space, stop). The flag + re-check pairs with main's publish().
+    if (!tx.prepareToWait()) continue;
+    io.wait(!rxBlocked);
+    tx.doneWaiting();
+  }
+}
+
+// openTun resolves only once every pump is here: packets routed to the
+// device before that would wait in the kernel queue for the module to load.
+parentPort?.postMessage('ready');
+try {
+  run();
+} catch (err) {
+  const e = (err as { detail?: { errno?: number } }).detail?.errno;
+  Atomics.store(ctrl, CTRL_ERRNO, typeof e === 'number' ? e : -1);
+  parentPort?.postMessage({ error: (err as Error).message ?? String(err) });
+} finally {
+  Atomics.store(ctrl, CTRL_ENDED, 1);
+  notifyMain();
+}
