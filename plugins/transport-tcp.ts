@@ -21,6 +21,7 @@
  */
 import net from 'node:net';
 import { definePlugin } from '../core/define.ts';
+import { abortError, describeDialError, describeListenError } from '../core/net-errors.ts';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
@@ -248,50 +249,6 @@ class TcpLink implements Link {
       this.log.error('a link close handler threw', { remote: this.remoteAddress, error: (err as Error).message });
     }
   }
-}
-
-/** A socket error code as the words a user reads after "cannot reach the server at X: ". */
-function describeDialError(err: NodeJS.ErrnoException, host: string): { reason: string; text: string } {
-  const code = err.code ?? (err instanceof AggregateError ? (err.errors[0] as NodeJS.ErrnoException)?.code : undefined);
-  switch (code) {
-    case 'ECONNREFUSED':
-      return { reason: 'refused', text: 'connection refused' };
-    case 'ETIMEDOUT':
-      return { reason: 'timeout', text: 'timed out' };
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-    case 'EAI_FAIL':
-    case 'EAI_NODATA':
-      return { reason: 'dns', text: `cannot resolve the name ${host}` };
-    case 'EHOSTUNREACH':
-      return { reason: 'unreachable', text: 'host unreachable' };
-    case 'ENETUNREACH':
-      return { reason: 'unreachable', text: 'network unreachable' };
-    case 'ECONNRESET':
-      return { reason: 'reset', text: 'connection reset' };
-    default:
-      return { reason: 'error', text: err.message };
-  }
-}
-
-function describeListenError(err: NodeJS.ErrnoException): string {
-  switch (err.code) {
-    case 'EADDRINUSE':
-      return 'address already in use';
-    case 'EACCES':
-      return 'permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)';
-    case 'EADDRNOTAVAIL':
-      return 'address not available (no interface on this machine has it)';
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-      return 'cannot resolve the host name';
-    default:
-      return err.message;
-  }
-}
-
-function abortError(signal: AbortSignal): Error {
-  return signal.reason instanceof Error ? signal.reason : new DOMException('the dial was aborted', 'AbortError');
 }
 
 export interface TcpOptions {

@@ -46,6 +46,7 @@ import { resolve as resolvePath } from 'node:path';
 import type { Duplex } from 'node:stream';
 import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { definePlugin } from '../core/define.ts';
+import { abortError, describeDialError, describeListenError, errnoOf } from '../core/net-errors.ts';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
@@ -265,22 +266,6 @@ function pathOf(url: string | undefined): string {
   return q < 0 ? url : url.slice(0, q);
 }
 
-function describeListenError(err: NodeJS.ErrnoException): string {
-  switch (err.code) {
-    case 'EADDRINUSE':
-      return 'address already in use';
-    case 'EACCES':
-      return 'permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)';
-    case 'EADDRNOTAVAIL':
-      return 'address not available (no interface on this machine has it)';
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-      return 'cannot resolve the host name';
-    default:
-      return err.message;
-  }
-}
-
 const TLS_CODES = new Set([
   'DEPTH_ZERO_SELF_SIGNED_CERT',
   'SELF_SIGNED_CERT_IN_CHAIN',
@@ -290,36 +275,16 @@ const TLS_CODES = new Set([
   'ERR_TLS_CERT_ALTNAME_INVALID',
 ]);
 
-function describeDialError(err: NodeJS.ErrnoException, host: string): { reason: string; text: string } {
-  const code = err.code ?? (err instanceof AggregateError ? (err.errors[0] as NodeJS.ErrnoException)?.code : undefined);
-  switch (code) {
-    case 'ECONNREFUSED':
-      return { reason: 'refused', text: 'connection refused' };
-    case 'ETIMEDOUT':
-      return { reason: 'timeout', text: 'timed out' };
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-    case 'EAI_FAIL':
-    case 'EAI_NODATA':
-      return { reason: 'dns', text: `cannot resolve the name ${host}` };
-    case 'EHOSTUNREACH':
-      return { reason: 'unreachable', text: 'host unreachable' };
-    case 'ENETUNREACH':
-      return { reason: 'unreachable', text: 'network unreachable' };
-    case 'ECONNRESET':
-      return { reason: 'reset', text: 'connection reset' };
-  }
+/** As core/net-errors' describeDialError, plus the TLS failures only wss:// has. */
+function describeWsDialError(err: NodeJS.ErrnoException, host: string): { reason: string; text: string } {
+  const code = errnoOf(err);
   if (code && TLS_CODES.has(code)) {
     return {
       reason: 'tls',
       text: `its TLS certificate was not accepted (${code}); the pinned server key authenticates the server, so the ws option rejectUnauthorized: false is safe with a self-signed certificate`,
     };
   }
-  return { reason: 'error', text: err.message };
-}
-
-function abortError(signal: AbortSignal): Error {
-  return signal.reason instanceof Error ? signal.reason : new DOMException('the dial was aborted', 'AbortError');
+  return describeDialError(err, host);
 }
 
 export interface WsOptions {
@@ -527,7 +492,7 @@ export default definePlugin<'transport', WsOptions>({
           }
         };
         const onError = (err: NodeJS.ErrnoException) => {
-          const { reason, text } = describeDialError(err, url.hostname);
+          const { reason, text } = describeWsDialError(err, url.hostname);
           settle(unreachable(reason, text, err));
         };
         const onAbort = function (this: AbortSignal) {
