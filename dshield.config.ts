@@ -75,6 +75,15 @@ export default defineConfig({
 
     // How the server reaches destinations: 'direct' (its own network).
     outbound: 'direct',
+
+    // Full-device VPN for clients with client.tun (Linux, root or CAP_NET_ADMIN, /dev/net/tun, nftables).
+    // true, or { subnet: '10.66.0.0/24' (the pool; the server takes .1), subnet6: 'fd66::/64' (optional),
+    // nat: true (masquerade clients behind this host), dns: ['1.1.1.1'] (resolvers handed to clients),
+    // clientToClient: false, name: 'dshield%d', leasesFile: 'keys/leases.json' (each client keeps its
+    // address across restarts), mtu: 1420, stateDir: '/var/lib/dshield' (crash-recovery journal) }.
+    // Forwarded packets obey egress.allow and the default deny list, like proxy connections.
+    // Proxy clients keep working either way.
+    tun: false,
   },
 
   client: {
@@ -100,5 +109,14 @@ export default defineConfig({
 
     // Milliseconds to wait for the server's handshake response.
     handshakeTimeout: 10_000,
+
+    // Full-device VPN (Linux, root; the server needs server.tun): every app's traffic goes through the tunnel.
+    // true, or { routes: [...] (only these ranges; default everything, IPv6 too when the server assigns it),
+    // exclude: ['192.168.1.0/24'] (ranges that keep using the real network), dns: true (use the server's
+    // resolvers; /etc/resolv.conf is restored on exit), killSwitch: false (true: nftables drops everything
+    // but the tunnel and the server, also while reconnecting), name: 'dshield%d', queues: 1,
+    // stateDir: '/var/lib/dshield' (what a crashed run changed is undone by the next start) }.
+    // The proxies above can stay on alongside. Try it: --set client.tun=true
+    tun: false,
   },
 });

@@ -200,7 +200,9 @@ async function run(args: Args): Promise<number> {
     } else if (mode === 'client') {
       const client = await startClient(rt, { onConnecting });
       spinner?.succeed(`tunnel up to ${config.client.server}`);
-      for (const address of client.inbounds) console.log(`proxy ready: ${address}`);
+      for (const address of client.inbounds) {
+        console.log(address.startsWith('tun:') ? `TUN ready: ${address.slice(4)}` : `proxy ready: ${address}`);
+      }
       close = () => client.close();
     } else {
       const local = await startLocal(rt, onConnecting);

@@ -19,18 +19,20 @@ import { existsSync, readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cosmiconfig, type Loader } from 'cosmiconfig';
-import { parseCidr } from './cidr.ts';
+import { isIp, parseCidr } from './cidr.ts';
 import { DshieldError, ErrorCodes, isDshieldError, type ErrorCode } from './errors.ts';
 import { parseHostPort } from './hostport.ts';
 import { parseInvite } from './invite.ts';
 import { decodeKey, encodeKey, ensureKeyPair, isInlineKey, privateKeyPathFor, readKeyRef } from './keys.ts';
 import type {
   ClientEntry,
+  ClientTunConfig,
   Logger,
   Mode,
   ProxyListenConfig,
   ResolvedConfig,
   ResolvedPluginRef,
+  ServerTunConfig,
   UserConfig,
 } from './types.ts';
 
@@ -116,6 +118,14 @@ export async function loadConfig(opts: LoadConfigOptions = {}): Promise<Resolved
 
   const config = tree as unknown as ResolvedConfig;
   config.server.clientsFile = resolve(baseDir, config.server.clientsFile);
+  if (config.server.tun) {
+    config.server.tun.leasesFile = resolve(baseDir, config.server.tun.leasesFile);
+    config.server.tun.stateDir = resolve(baseDir, config.server.tun.stateDir);
+  }
+  if (config.client.tun) {
+    config.client.tun.stateDir = resolve(baseDir, config.client.tun.stateDir);
+    config.client.tun.resolvConf = resolve(baseDir, config.client.tun.resolvConf);
+  }
 
   mergeClientsFile(config);
   const side = opts.materializeKeys ?? true;
@@ -140,7 +150,9 @@ type LeafType =
   | 'ms'
   | 'clients'
   | 'cidrs'
-  | 'proxy';
+  | 'proxy'
+  | 'clientTun'
+  | 'serverTun';
 
 interface LeafSpec {
   leaf: LeafType;
@@ -175,6 +187,7 @@ const SCHEMA = {
     clientsFile: leaf('path'),
     publicAddress: leaf('publicAddress'),
     outbound: leaf('plugin'),
+    tun: leaf('serverTun'),
   } satisfies Required2<NonNullable<UserConfig['server']>>,
   client: {
     server: leaf('serverAddress'),
@@ -185,6 +198,7 @@ const SCHEMA = {
     connectWait: leaf('ms'),
     keepalive: leaf('ms'),
     handshakeTimeout: leaf('ms'),
+    tun: leaf('clientTun'),
   } satisfies Required2<NonNullable<UserConfig['client']>>,
 } satisfies Required2<UserConfig> & SchemaNode;
 
@@ -204,6 +218,7 @@ const DEFAULTS = {
     clientsFile: 'keys/clients.json',
     publicAddress: '',
     outbound: 'direct',
+    tun: false,
   },
   client: {
     server: '127.0.0.1:8443',
@@ -214,6 +229,7 @@ const DEFAULTS = {
     connectWait: 10_000,
     keepalive: 25_000,
     handshakeTimeout: 10_000,
+    tun: false,
   },
 } satisfies Required<UserConfig>;
 
@@ -524,6 +540,31 @@ class Applier {
         this.sources.set(`${where}[${index}]`, origin);
         return;
       }
+      case 'clientTun':
+      case 'serverTun': {
+        // DSHIELD_CLIENT__TUN__KILLSWITCH=true, --set server.tun.subnet=10.77.0.0/24: one field of the
+        // section (switching TUN mode on with defaults for the rest if it was off).
+        if (optionPath.length !== 1) fail(`${where} has no setting "${optionPath.join('.')}"`);
+        const fields = spec.leaf === 'clientTun' ? CLIENT_TUN_FIELDS : SERVER_TUN_FIELDS;
+        const field = fields.find((f) => f.toLowerCase() === optionPath[0]!.toLowerCase());
+        if (field === undefined) {
+          fail(`${where} has no setting "${optionPath[0]}"${suggestFrom(optionPath[0]!, fields)} (settings: ${fields.join(', ')})`);
+        }
+        const current = this.get(path) as ClientTunConfig | ServerTunConfig | false;
+        const raw: Record<string, unknown> = current === false ? {} : { ...current };
+        if (raw.routes === null) delete raw.routes;
+        if (raw.subnet6 === '') delete raw.subnet6;
+        // A field that wants a string takes the text as written (a name "0" stays "0").
+        raw[field!] = typeof value === 'number' && TUN_TEXT_FIELDS.has(field!) ? text.trim() : value;
+        try {
+          this.put(path, normalizeLeaf(spec, raw, undefined));
+        } catch (err) {
+          if (err instanceof Problem) throw new DshieldError(err.code, `${where}${err.at}: ${err.message}${originText(origin)}`);
+          throw err;
+        }
+        this.sources.set(`${where}.${field}`, origin);
+        return;
+      }
       default:
         fail(`${where} is a single value; it has no part "${rest.join('.')}" (set ${where} itself${spec.leaf === 'clients' || spec.leaf === 'cidrs' ? ', as a JSON list' : ''})`);
     }
@@ -669,7 +710,146 @@ function normalizeLeaf(spec: LeafSpec, value: unknown, text: string | undefined)
       }
       throw new Problem(`expected "host:port" or false, got ${describe(v)}`);
     }
+    case 'clientTun':
+      return normalizeClientTun(value);
+    case 'serverTun':
+      return normalizeServerTun(value);
   }
+}
+
+// ---------------------------------------------------------------------------
+// TUN mode sections
+
+const CLIENT_TUN_FIELDS = ['name', 'routes', 'exclude', 'dns', 'killSwitch', 'queues', 'stateDir', 'resolvConf'] as const;
+const SERVER_TUN_FIELDS = ['subnet', 'subnet6', 'nat', 'dns', 'clientToClient', 'name', 'leasesFile', 'mtu', 'stateDir'] as const;
+const TUN_TEXT_FIELDS: ReadonlySet<string> = new Set(['name', 'stateDir', 'leasesFile', 'resolvConf']);
+const DEFAULT_TUN_STATE_DIR = '/var/lib/dshield';
+const DEFAULT_TUN_DEVICE = 'dshield%d';
+/** An interface name (at most 15 bytes), or a pattern with one %d the kernel fills in. */
+const TUN_NAME_RE = /^(?=.{1,15}$)[A-Za-z0-9_.-]*(%d)?[A-Za-z0-9_.-]*$/;
+
+/** Checks a section's fields: a plain object (true: all defaults) with no unknown field. */
+function tunSection(value: unknown, fields: readonly string[], example: string): Record<string, unknown> | false {
+  if (value === false || value === undefined || value === null) return false;
+  if (value === true) return {};
+  if (!isPlainObject(value)) throw new Problem(`expected true, false or ${example}, got ${describe(value)}`);
+  for (const key of Object.keys(value)) {
+    if (!fields.includes(key)) throw new Problem(`unknown setting "${key}"${suggestFrom(key, fields)} (settings: ${fields.join(', ')})`);
+  }
+  return value;
+}
+
+function tunBoolean(v: unknown, field: string, fallback: boolean): boolean {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'boolean') throw new Problem(`expected true or false, got ${describe(v)}`, ErrorCodes.CONFIG, `.${field}`);
+  return v;
+}
+
+function tunText(v: unknown, field: string, fallback: string): string {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'string' || v.trim() === '') throw new Problem(`expected a non-empty string, got ${describe(v)}`, ErrorCodes.CONFIG, `.${field}`);
+  return v.trim();
+}
+
+function tunName(v: unknown): string {
+  const name = tunText(v, 'name', DEFAULT_TUN_DEVICE);
+  if (!TUN_NAME_RE.test(name)) {
+    throw new Problem(`expected an interface name of at most 15 letters, digits, "_", "." or "-" (optionally with one %d), got ${describe(name)}`, ErrorCodes.CONFIG, '.name');
+  }
+  return name;
+}
+
+function tunInteger(v: unknown, field: string, fallback: number, min: number, max: number): number {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    throw new Problem(`expected a whole number from ${min} to ${max}, got ${describe(v)}`, ErrorCodes.CONFIG, `.${field}`);
+  }
+  return v;
+}
+
+/** A list of CIDRs (a comma-separated string is fine too), each checked. */
+function tunCidrs(v: unknown, field: string): string[] {
+  const list = typeof v === 'string' ? v.split(',').map((s) => s.trim()).filter(Boolean) : v;
+  if (!Array.isArray(list)) throw new Problem(`expected a list of address ranges, like ["10.0.0.0/8"], got ${describe(list)}`, ErrorCodes.CONFIG, `.${field}`);
+  return list.map((item, i) => {
+    if (typeof item !== 'string') throw new Problem(`expected an address range like "10.0.0.0/8", got ${describe(item)}`, ErrorCodes.CONFIG, `.${field}[${i}]`);
+    try {
+      parseCidr(item);
+    } catch (err) {
+      throw new Problem(isDshieldError(err) ? err.message : String(err), ErrorCodes.CONFIG, `.${field}[${i}]`);
+    }
+    return item.trim();
+  });
+}
+
+function normalizeClientTun(value: unknown): ClientTunConfig | false {
+  const v = tunSection(value, CLIENT_TUN_FIELDS, '{ routes, exclude, dns, killSwitch, ... }');
+  if (v === false) return false;
+  return {
+    name: tunName(v.name),
+    routes: v.routes === undefined || v.routes === null ? null : tunCidrs(v.routes, 'routes'),
+    exclude: v.exclude === undefined ? [] : tunCidrs(v.exclude, 'exclude'),
+    dns: tunBoolean(v.dns, 'dns', true),
+    killSwitch: tunBoolean(v.killSwitch, 'killSwitch', false),
+    queues: tunInteger(v.queues, 'queues', 1, 1, 256),
+    stateDir: tunText(v.stateDir, 'stateDir', DEFAULT_TUN_STATE_DIR),
+    resolvConf: tunText(v.resolvConf, 'resolvConf', '/etc/resolv.conf'),
+  };
+}
+
+function normalizeServerTun(value: unknown): ServerTunConfig | false {
+  const v = tunSection(value, SERVER_TUN_FIELDS, '{ subnet, subnet6, nat, dns, ... }');
+  if (v === false) return false;
+  const subnet = tunText(v.subnet, 'subnet', '10.66.0.0/24');
+  let v4;
+  try {
+    v4 = parseCidr(subnet);
+  } catch (err) {
+    throw new Problem(isDshieldError(err) ? err.message : String(err), ErrorCodes.CONFIG, '.subnet');
+  }
+  // The server takes the first address, clients the rest: a /30 is the smallest pool with a client.
+  if (v4.family !== 4 || v4.prefix < 8 || v4.prefix > 30) {
+    throw new Problem(`expected an IPv4 range from /8 to /30, like "10.66.0.0/24", got ${describe(subnet)}`, ErrorCodes.CONFIG, '.subnet');
+  }
+  let subnet6 = '';
+  if (v.subnet6 !== undefined && v.subnet6 !== '' && v.subnet6 !== false && v.subnet6 !== null) {
+    subnet6 = tunText(v.subnet6, 'subnet6', '');
+    let c6;
+    try {
+      c6 = parseCidr(subnet6);
+    } catch (err) {
+      throw new Problem(isDshieldError(err) ? err.message : String(err), ErrorCodes.CONFIG, '.subnet6');
+    }
+    // Each client's IPv6 address carries its IPv4 host number, so the IPv6 range needs at least as many host bits.
+    if (c6.family !== 6 || 128 - c6.prefix < 32 - v4.prefix || c6.prefix < 16) {
+      throw new Problem(
+        `expected an IPv6 range with at least as many addresses as subnet (e.g. "fd66::/64"), got ${describe(subnet6)}`,
+        ErrorCodes.CONFIG,
+        '.subnet6',
+      );
+    }
+  }
+  const dnsList = v.dns === undefined ? ['1.1.1.1'] : typeof v.dns === 'string' ? v.dns.split(',').map((s) => s.trim()).filter(Boolean) : v.dns;
+  if (!Array.isArray(dnsList) || dnsList.length === 0) {
+    throw new Problem(`expected a resolver address or a list of them, like ["1.1.1.1"], got ${describe(v.dns)}`, ErrorCodes.CONFIG, '.dns');
+  }
+  const dns = dnsList.map((d, i) => {
+    if (typeof d !== 'string' || !isIp(d.trim())) throw new Problem(`expected an IP address, got ${describe(d)}`, ErrorCodes.CONFIG, `.dns[${i}]`);
+    return d.trim();
+  });
+  const mtu = tunInteger(v.mtu, 'mtu', 1420, 576, 65_000);
+  if (subnet6 !== '' && mtu < 1280) throw new Problem(`IPv6 needs an MTU of at least 1280, got ${mtu}`, ErrorCodes.CONFIG, '.mtu');
+  return {
+    subnet,
+    subnet6,
+    nat: tunBoolean(v.nat, 'nat', true),
+    dns,
+    clientToClient: tunBoolean(v.clientToClient, 'clientToClient', false),
+    name: tunName(v.name),
+    leasesFile: tunText(v.leasesFile, 'leasesFile', 'keys/leases.json'),
+    mtu,
+    stateDir: tunText(v.stateDir, 'stateDir', DEFAULT_TUN_STATE_DIR),
+  };
 }
 
 const HASHES = ['BLAKE2s', 'SHA256', 'BLAKE2b', 'SHA512'] as const;

@@ -1,6 +1,6 @@
 /**
- * The mux: many flow-controlled streams, UDP datagrams and pings inside the
- * payloads of one secure session.
+ * The mux: many flow-controlled streams, UDP datagrams, IP packets (TUN
+ * mode) and pings inside the payloads of one secure session.
  *
  * The owner (client.ts / server.ts) gives the mux a `send(payload)` function,
  * where one payload becomes one encrypted record, and feeds it every payload
@@ -24,6 +24,7 @@
  *   0x0a  UDP_CLOSE  assoc      (empty)                             both
  *   0x0b  PING       0          opaque u64                          both
  *   0x0c  PONG       0          the PING's opaque u64               both
+ *   0x0d  PACKET     0          one IP packet (1..maxPacket bytes)  both
  *
  *   Address := 0x01 | IPv4 (4 bytes)                 | port u16 BE
  *            | 0x03 | len u8 (1..255) | domain ([A-Za-z0-9._-]) | port u16 BE
@@ -32,6 +33,21 @@
  *   OPEN_ERR codes: see WIRE_ERROR_CODES below (the ErrorCodes of core/errors.ts,
  *   append-only); 0 = unspecified. The reason is DshieldError.detail.reason
  *   ('refused' | 'unreachable' | 'dns' | 'timeout' for DESTINATION).
+ *
+ * PACKET frames carry TUN mode's IP packets. Like UDP_DATA they are
+ * datagrams: no credit, no ordering promise beyond the transport's, dropped
+ * (never queued without bound) when the session is congested. A packet longer
+ * than `maxPacket` (the TUN MTU) is dropped on either side.
+ *
+ * Lossy mode (MuxOptions.lossy, for sessions over a datagram transport,
+ * where a payload may be lost or arrive out of order): streams need every
+ * byte in order, so openStream is refused locally (UNSUPPORTED) and a server
+ * answers OPEN with RST. Datagrams and packets work as always. Because a
+ * UDP_OPEN may be lost, the server takes a UDP_DATA for an unknown odd id as
+ * an implicit open; because a UDP_CLOSE may be lost, the server forgets an
+ * association idle for udpIdleMs (silently: the client's next datagram
+ * opens it again). A PING is resent every second or so until its PONG
+ * comes back or it times out.
  *
  * Ids: only the client opens streams and UDP associations, with odd ids
  * counting up from 1 (streams and associations are separate id spaces).
@@ -86,10 +102,22 @@ export interface MuxOptions {
   onOpen?(req: OpenRequest): void;
   /** server: a client started a UDP association. */
   onUdp?(assoc: UdpAssociation): void;
+  /**
+   * An IP packet from the peer (PACKET frame, TUN mode). The buffer is valid
+   * only during the call: copy what must outlive it. Without a handler
+   * packets are dropped.
+   */
+  onPacket?(packet: Buffer): void;
+  /** The largest IP packet sent or accepted (the TUN MTU); default: what fits in one payload. */
+  maxPacket?: number;
   /** Max concurrent streams (default 65536). A peer going over is refused with RST. */
   maxStreams?: number;
   /** Max UDP associations (default 256). A peer going over is refused with UDP_CLOSE. */
   maxUdp?: number;
+  /** Payloads may be lost, duplicated or reordered (a datagram session): see "Lossy mode" above. */
+  lossy?: boolean;
+  /** Lossy mode, server: forget a UDP association after this long without a datagram (default 120_000). */
+  udpIdleMs?: number;
 }
 
 export interface OpenRequest {
@@ -156,6 +184,7 @@ export const FrameType = {
   UDP_CLOSE: 0x0a,
   PING: 0x0b,
   PONG: 0x0c,
+  PACKET: 0x0d,
 } as const;
 
 /**
@@ -196,11 +225,17 @@ const MAX_WINDOW = 2 ** 30;
 const MIN_PAYLOAD = 512;
 const WRITABLE_HWM = 64 * 1024;
 const DEFAULT_PING_TIMEOUT_MS = 10_000;
+/** Lossy mode: a server-side UDP association with no datagram for this long is forgotten. */
+const DEFAULT_UDP_IDLE_MS = 120_000;
+/** Lossy mode: client-closed association ids remembered so late datagrams do not reopen them. */
+const MAX_CLOSED_UDP_IDS = 1024;
 const MAX_REASON = 64;
 /** Replies the peer provoked (PONG, refusals) waiting while congested; beyond this they are dropped. */
 const MAX_REPLIES = 1024;
 /** Datagram bytes waiting while congested; beyond this datagrams are dropped, as UDP allows. */
 const MAX_DGRAM_QUEUE = 256 * 1024;
+/** IP packet bytes waiting while congested (TUN mode); beyond this packets are dropped, as IP allows. */
+const MAX_PACKET_QUEUE = 256 * 1024;
 const U32_MAX = 0xffffffff;
 
 // Per-stream control frames waiting to go out (bits of MuxStream.ctl), in wire order.
@@ -317,6 +352,8 @@ interface UdpHost {
 /** A UDP association, either side. */
 class Assoc implements UdpAssociation, MuxUdp {
   closed = false;
+  /** Date.now() of the last datagram either way (lossy mode's idle timeout). */
+  lastActive = Date.now();
   private messageHandler: ((target: Target, payload: Buffer) => void) | null = null;
   private closeHandlers: Array<() => void> = [];
 
@@ -362,6 +399,8 @@ interface QueuedDatagram {
 interface PendingPing {
   started: number;
   timer: NodeJS.Timeout;
+  /** Lossy mode: resends the PING until answered. */
+  resend?: NodeJS.Timeout;
   resolve(rtt: number): void;
   reject(err: Error): void;
 }
@@ -405,6 +444,12 @@ export class Mux {
   private readonly window: number;
   private readonly maxStreams: number;
   private readonly maxUdp: number;
+  private readonly lossy: boolean;
+  private readonly udpIdleMs: number;
+  /** Lossy mode, server: checks associations for idleness while there are any. */
+  private udpSweep: NodeJS.Timeout | undefined;
+  /** Lossy mode, server: ids the client closed, so a late UDP_DATA does not reopen them (bounded). */
+  private readonly closedUdpIds = new Set<number>();
   private readonly maxPayload: number;
   private readonly minFragment: number;
   private readonly host: StreamHost;
@@ -422,6 +467,10 @@ export class Mux {
   private readonly replies = new Fifo<Buffer>();
   private readonly dgrams = new Fifo<QueuedDatagram>();
   private dgramBytes = 0;
+  /** IP packets to send (copies; each at most maxPacket). */
+  private readonly packets = new Fifo<Buffer>();
+  private packetBytes = 0;
+  private readonly maxPacket: number;
   private readonly pings = new Map<number, PendingPing>();
   private readonly idleWaiters = new Set<() => void>();
   /** Streams whose consumer read: check for a grant once the read is over. */
@@ -464,7 +513,11 @@ export class Mux {
     this.window = Math.min(MAX_WINDOW, Math.max(MIN_WINDOW, Math.floor(opts.initialWindow ?? DEFAULT_WINDOW)));
     this.maxStreams = Math.max(1, opts.maxStreams ?? 65536);
     this.maxUdp = Math.max(0, opts.maxUdp ?? 256);
+    this.lossy = opts.lossy === true;
+    this.udpIdleMs = Math.max(1, opts.udpIdleMs ?? DEFAULT_UDP_IDLE_MS);
     this.minFragment = Math.min(1024, (this.maxPayload - FRAME_HEADER) >>> 1);
+    const fits = Math.min(0xffff, this.maxPayload - FRAME_HEADER);
+    this.maxPacket = opts.maxPacket === undefined ? fits : Math.max(1, Math.min(fits, Math.floor(opts.maxPacket)));
     this.host = {
       read: (s) => this.checkGrantSoon(s),
       write: (s, chunks, bytes, cb) => this.streamWrite(s, chunks, bytes, cb),
@@ -503,7 +556,7 @@ export class Mux {
    * data) plus queued datagrams. O(streams): for diagnostics and tests.
    */
   get bufferedAmount(): number {
-    let n = this.dgramBytes;
+    let n = this.dgramBytes + this.packetBytes;
     // A carried tail is no longer counted by writableLength.
     for (const s of this.streams.values()) n += s.writableLength + s.readableLength + (s.outCb ? 0 : s.outBytes);
     return n;
@@ -519,6 +572,9 @@ export class Mux {
    */
   openStream(target: Target, signal?: AbortSignal): Promise<Duplex> {
     if (this.closed) return Promise.reject(tunnelDown('the tunnel closed before the stream could open'));
+    if (this.lossy) {
+      return Promise.reject(new DshieldError(ErrorCodes.UNSUPPORTED, 'streams (SOCKS5 CONNECT, HTTP proxy) need a stream transport: tcp or ws'));
+    }
     if (this.opts.side !== 'client') {
       return Promise.reject(new DshieldError(ErrorCodes.UNSUPPORTED, 'only the client side of a mux opens streams'));
     }
@@ -575,6 +631,23 @@ export class Mux {
     return assoc;
   }
 
+  /**
+   * Send one IP packet (TUN mode). It is copied before this returns. False
+   * when it was dropped: the mux is closed, the packet is empty or longer than
+   * maxPacket, or MAX_PACKET_QUEUE bytes already wait for a congested session.
+   */
+  sendPacket(packet: Uint8Array): boolean {
+    const n = packet.length;
+    if (this.closed || n === 0 || n > this.maxPacket) return false;
+    if (this.packetBytes + n > MAX_PACKET_QUEUE) return false;
+    const copy = Buffer.allocUnsafe(n);
+    copy.set(packet);
+    this.packets.push(copy);
+    this.packetBytes += n;
+    this.scheduleFlush();
+    return true;
+  }
+
   /** Round trip time in ms through the peer's mux. Rejects with TUNNEL_DOWN on timeout or close. */
   ping(timeoutMs = DEFAULT_PING_TIMEOUT_MS): Promise<number> {
     if (this.closed) return Promise.reject(tunnelDown('the tunnel is closed'));
@@ -586,10 +659,19 @@ export class Mux {
     frame.writeUInt32BE(seq, FRAME_HEADER + 4);
     return new Promise<number>((resolve, reject) => {
       const timer = setTimeout(() => {
+        clearInterval(pending.resend);
         this.pings.delete(seq);
         reject(tunnelDown(`no answer to a ping within ${timeoutMs} ms`));
       }, timeoutMs);
-      this.pings.set(seq, { started: performance.now(), timer, resolve, reject });
+      const pending: PendingPing = { started: performance.now(), timer, resolve, reject };
+      if (this.lossy) {
+        // The PING or its PONG may be lost: send the same PING again (the RTT counts from the first).
+        pending.resend = setInterval(() => {
+          this.ctlFrames.push(frame);
+          this.scheduleFlush();
+        }, Math.max(100, Math.min(1000, timeoutMs / 4)));
+      }
+      this.pings.set(seq, pending);
       this.ctlFrames.push(frame);
       this.scheduleFlush();
     });
@@ -644,13 +726,17 @@ export class Mux {
     for (const a of udps) a.ended();
     for (const p of this.pings.values()) {
       clearTimeout(p.timer);
+      clearInterval(p.resend);
       p.reject(openReason);
     }
+    clearInterval(this.udpSweep);
     this.pings.clear();
     this.ctlFrames.drainAll();
     this.replies.drainAll();
     this.dgrams.drainAll();
     this.dgramBytes = 0;
+    this.packets.drainAll();
+    this.packetBytes = 0;
     const held = this.done;
     this.done = [];
     for (const cb of held) cb(reason);
@@ -735,6 +821,8 @@ export class Mux {
         return this.onPing(p, body, len);
       case FrameType.PONG:
         return this.onPong(p, body, len);
+      case FrameType.PACKET:
+        return this.onPacketFrame(id, p, body, len);
       default:
         return `unknown frame type ${type}`;
     }
@@ -772,6 +860,11 @@ export class Mux {
   private onOpenFrame(id: number, p: Buffer, body: number, len: number): string | undefined {
     if (this.opts.side !== 'server') return 'OPEN sent to the client';
     if ((id & 1) === 0) return 'OPEN with an even (server) id';
+    if (this.lossy) {
+      // A stream cannot work over a lossy session; the client's mux refuses before sending OPEN.
+      this.reply(encodeFrame(FrameType.RST, id));
+      return 'OPEN over a lossy session';
+    }
     const existing = this.streams.get(id);
     if (existing) return this.violation(existing, 'OPEN for a stream id in use');
     const target = decodeAddress(p, body, body + len, true);
@@ -893,26 +986,58 @@ export class Mux {
     if (this.opts.side !== 'server') return 'UDP_OPEN sent to the client';
     if ((id & 1) === 0 || this.udps.has(id)) return 'UDP_OPEN with an even id or one in use';
     if (len !== 0) return 'UDP_OPEN with a body';
+    if (!this.acceptUdp(id)) this.reply(encodeFrame(FrameType.UDP_CLOSE, id));
+    return undefined;
+  }
+
+  /** server: a new association from the client (UDP_OPEN, or lossy mode's implicit open). False when refused. */
+  private acceptUdp(id: number): Assoc | null {
+    this.closedUdpIds.delete(id);
     const onUdp = this.opts.onUdp;
     if (!onUdp || this.udps.size >= this.maxUdp) {
       this.log.debug('mux: refusing a UDP association', { id, reason: onUdp ? 'too many associations' : 'no UDP handler' });
-      this.reply(encodeFrame(FrameType.UDP_CLOSE, id));
-      return undefined;
+      return null;
     }
     const assoc = new Assoc(id, this.udpHost);
     this.udps.set(id, assoc);
+    if (this.lossy && this.udpSweep === undefined) {
+      this.udpSweep = setInterval(() => this.sweepIdleUdp(), Math.max(10, Math.min(30_000, this.udpIdleMs / 4)));
+      this.udpSweep.unref();
+    }
     try {
       onUdp(assoc);
     } catch (err) {
       this.log.error('mux: onUdp threw; closing the association', { id, error: errorText(err) });
       assoc.close();
     }
-    return undefined;
+    return assoc;
+  }
+
+  /** Lossy mode, server: forget associations idle for udpIdleMs, without a word (a UDP_CLOSE could be lost anyway). */
+  private sweepIdleUdp(): void {
+    const now = Date.now();
+    for (const [id, assoc] of this.udps) {
+      if (now - assoc.lastActive < this.udpIdleMs) continue;
+      this.log.debug('mux: a UDP association went idle', { id });
+      this.udps.delete(id);
+      assoc.ended();
+    }
+    if (this.udps.size === 0) {
+      clearInterval(this.udpSweep);
+      this.udpSweep = undefined;
+    }
   }
 
   private onUdpData(id: number, p: Buffer, body: number, len: number): string | undefined {
-    const assoc = this.udps.get(id);
-    if (!assoc) return undefined;
+    let assoc = this.udps.get(id) ?? null;
+    if (!assoc) {
+      // Lossy mode: the UDP_OPEN may have been lost, or the association went idle here.
+      const implicit = this.lossy && this.opts.side === 'server' && (id & 1) === 1 && !this.closedUdpIds.has(id);
+      if (!implicit || !decodeAddress(p, body, body + len, false)) return undefined;
+      assoc = this.acceptUdp(id);
+      if (!assoc || assoc.closed) return undefined;
+    }
+    assoc.lastActive = Date.now();
     const end = body + len;
     const target = decodeAddress(p, body, end, false);
     if (!target) return 'UDP_DATA with a malformed address';
@@ -926,6 +1051,10 @@ export class Mux {
   }
 
   private onUdpClose(id: number, len: number): string | undefined {
+    if (this.lossy && this.opts.side === 'server') {
+      this.closedUdpIds.add(id);
+      if (this.closedUdpIds.size > MAX_CLOSED_UDP_IDS) this.closedUdpIds.delete(this.closedUdpIds.values().next().value!);
+    }
     const assoc = this.udps.get(id);
     if (!assoc) return undefined;
     this.udps.delete(id);
@@ -950,7 +1079,17 @@ export class Mux {
     if (!pending) return undefined; // timed out already
     this.pings.delete(seq);
     clearTimeout(pending.timer);
+    clearInterval(pending.resend);
     pending.resolve(performance.now() - pending.started);
+    return undefined;
+  }
+
+  private onPacketFrame(id: number, p: Buffer, body: number, len: number): string | undefined {
+    if (id !== 0) return 'PACKET with a non-zero id';
+    if (len === 0) return 'empty PACKET';
+    if (len > this.maxPacket) return `PACKET of ${len} bytes (max ${this.maxPacket})`;
+    this._bytesIn += len;
+    this.opts.onPacket?.(p.subarray(body, body + len));
     return undefined;
   }
 
@@ -1135,6 +1274,7 @@ export class Mux {
       return;
     }
     if (this.dgramBytes + size > MAX_DGRAM_QUEUE) return; // congested: UDP may drop
+    a.lastActive = Date.now();
     this.dgrams.push({ id: a.id, address, payload });
     this.dgramBytes += size;
     this.scheduleFlush();
@@ -1239,14 +1379,14 @@ export class Mux {
 
   /** Build one payload: control frames, then datagrams, then DATA round-robin. Null when idle. */
   private assemble(): Buffer | null {
-    if (this.ctlStreams.size + this.ctlFrames.size + this.replies.size + this.dgrams.size + this.ready.size === 0) {
+    if (this.ctlStreams.size + this.ctlFrames.size + this.replies.size + this.dgrams.size + this.packets.size + this.ready.size === 0) {
       return null;
     }
     const start = slabReserve(this.maxPayload);
     const slab = (this.slab = sharedSlab);
     this.pos = start;
     this.limit = start + this.maxPayload;
-    if (this.writeControl() && this.writeDatagrams()) this.writeData();
+    if (this.writeControl() && this.writeDatagrams() && this.writePackets()) this.writeData();
     const end = this.pos;
     slabCommit(end);
     this.slab = EMPTY;
@@ -1338,6 +1478,21 @@ export class Mux {
       this.dgramBytes -= FRAME_HEADER + bodyLen;
       this._bytesOut += d.payload.length;
       this.dgrams.shift();
+    }
+    return true;
+  }
+
+  private writePackets(): boolean {
+    const slab = this.slab;
+    while (this.packets.size > 0) {
+      const packet = this.packets.peek();
+      if (this.pos + FRAME_HEADER + packet.length > this.limit) return false;
+      writeHeader(slab, this.pos, FrameType.PACKET, 0, packet.length);
+      packet.copy(slab, this.pos + FRAME_HEADER);
+      this.pos += FRAME_HEADER + packet.length;
+      this.packetBytes -= packet.length;
+      this._bytesOut += packet.length;
+      this.packets.shift();
     }
     return true;
   }

@@ -94,6 +94,24 @@ export class CipherState {
     if (out !== null) this.counter++;
     return out;
   }
+
+  /**
+   * Explicit-nonce encryption for datagram records, which carry their
+   * counter in the clear and may arrive in any order. Leaves `counter`
+   * alone: the caller owns the nonce sequence and must never repeat one.
+   * Throws NoiseError without a key or for a counter outside [0, MAX_COUNTER).
+   */
+  encryptAt(nonce: number, ad: Uint8Array, plaintext: Uint8Array): Buffer {
+    if (this.key === null) throw new NoiseError('no key to encrypt with');
+    if (!(nonce >= 0 && nonce < MAX_COUNTER)) throw new NoiseError('record counter exhausted');
+    return this.cipher.encrypt(this.key, nonce, ad, plaintext);
+  }
+
+  /** Explicit-nonce decryption (see encryptAt). Null when authentication fails; `counter` is untouched. */
+  decryptAt(nonce: number, ad: Uint8Array, ciphertext: Uint8Array): Buffer | null {
+    if (this.key === null || !(nonce >= 0 && nonce < MAX_COUNTER)) return null;
+    return this.cipher.decrypt(this.key, nonce, ad, ciphertext);
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -268,7 +268,10 @@ function checkInstance(kind: PluginKind, label: string, instance: unknown): void
   if (instance === null || typeof instance !== 'object') {
     throw new DshieldError(ErrorCodes.PLUGIN, `${label}: create() must return the ${kind} object, got ${instance === null ? 'null' : typeof instance}`);
   }
-  const missing = REQUIRED_METHODS[kind].filter((m) => typeof (instance as Record<string, unknown>)[m] !== 'function');
+  // A datagram transport binds an endpoint instead of listening and dialing.
+  const required =
+    kind === 'transport' && (instance as { type?: unknown }).type === 'datagram' ? ['bind'] : REQUIRED_METHODS[kind];
+  const missing = required.filter((m) => typeof (instance as Record<string, unknown>)[m] !== 'function');
   if (missing.length > 0) {
     throw new DshieldError(ErrorCodes.PLUGIN, `${label}: create() returned an object without ${missing.join(', ')}(): not a ${kind} plugin instance`);
   }

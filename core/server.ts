@@ -2,6 +2,7 @@
  * Server mode.
  *
  *   transport.listen -> Link -> acceptSession (Noise IK, auth, silence on failure)
+ *   (datagram transport: transport.bind -> endpoint -> acceptDatagramSessions)
  *     -> Session -> Mux -> OpenRequest -> outbound.connect(target) -> splice(stream, socket)
  *                       -> UdpAssociation -> outbound.udp() relay
  *
@@ -10,11 +11,13 @@
  * streams finish for up to `drainMs`, then closes what is left.
  */
 import { acceptSession, ReplayGuard, type Session } from './session.ts';
+import { acceptDatagramSessions } from './session-datagram.ts';
 import { Mux, STREAM_WINDOW } from './mux.ts';
 import { splice } from './splice.ts';
 import { loadCommonPlugins, staticKeyFrom, type Runtime } from './runtime.ts';
 import { readClientsFile } from './config.ts';
 import { isDshieldError } from './errors.ts';
+import { startServerTun, tunHandshakeResponder, type ServerTun } from './server-tun.ts';
 import { watchFile, unwatchFile } from 'node:fs';
 import type { AuthPlugin, ClientIdentity, Logger, OutboundPlugin, TransportListener } from './types.ts';
 
@@ -50,15 +53,35 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
   const replay = new ReplayGuard();
   const live = new Set<LiveSession>();
   let accepting = true;
+  // TUN mode first: a server that cannot set it up (no root) stops here, before listening.
+  const tun: ServerTun | undefined = config.server.tun
+    ? await startServerTun({ config: config.server.tun, egressAllow: config.server.egress.allow, log: log.child('tun') })
+    : undefined;
+
+  // Session parameters for the handshake response; throws (the handshake is refused, silently) when TUN mode cannot serve the client.
+  const respond = tunHandshakeResponder(tun, log, (name) => leaseIsGone(name));
+  /** When the pool is full, a lease may go to a new client if its owner is no longer authorized and not connected. */
+  const leaseIsGone = (name: string): boolean => {
+    if ([...live].some((s) => (s.session.peer as ClientIdentity).name === name)) return false;
+    if (config.server.clients.some((c) => c.name === name)) return false;
+    try {
+      return !readClientsFile(config.server.clientsFile).some((c) => c.name === name);
+    } catch {
+      return false;
+    }
+  };
 
   const serve = (session: Session): void => {
     const peer = session.peer as ClientIdentity;
     const started = Date.now();
+    // respond() leased the address already: this finds it.
+    const packets = tun && session.params.tun === true ? tun.attach(tun.lease(peer.name).lease, () => mux) : undefined;
     const mux: Mux = new Mux({
       side: 'server',
       send: (payload) => session.send(payload),
       maxPayload: session.maxPayload,
       initialWindow: STREAM_WINDOW,
+      lossy: session.lossy === true,
       log: log.child(peer.name),
       events,
       client: peer.name,
@@ -76,6 +99,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
         relay.onMessage((from, payload) => assoc.send(from, payload));
         assoc.onClose(() => relay.close());
       },
+      ...(packets ? { onPacket: packets.onPacket, maxPacket: tun!.mtu } : {}),
     });
     const entry: LiveSession = { session, mux };
     live.add(entry);
@@ -85,6 +109,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
       drain: () => mux.drain(),
       close: (err) => {
         live.delete(entry);
+        packets?.detach();
         mux.close(err);
         events.emit('session:down', {
           side: 'server',
@@ -99,24 +124,42 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
     });
   };
 
-  const listener: TransportListener = await transport.listen(opts.listen ?? config.server.listen, (link) => {
-    if (!accepting) {
-      link.destroy();
-      return;
-    }
-    acceptSession(link, {
-      cipher,
-      hash,
-      staticKey,
-      auth,
-      replay,
-      handshakeTimeoutMs: config.server.handshakeTimeout,
-      log: log.child('handshake'),
-      respond: () => ({ v: 1 }),
-      onSession: serve,
-      onRefused: (reason) => events.emit('session:refused', { remote: link.remoteAddress, reason }),
-    });
-  });
+  const handshake = {
+    cipher,
+    hash,
+    staticKey,
+    auth,
+    replay,
+    handshakeTimeoutMs: config.server.handshakeTimeout,
+    log: log.child('handshake'),
+    respond,
+    onSession: serve,
+  };
+  const address = opts.listen ?? config.server.listen;
+  // A datagram transport binds one endpoint for every client; its sessions are demultiplexed by index.
+  const listening = (async (): Promise<TransportListener> =>
+    transport.type === 'datagram'
+      ? acceptDatagramSessions(await transport.bind(address), {
+          ...handshake,
+          onRefused: (reason, remote) => events.emit('session:refused', { remote, reason }),
+        })
+      : await transport.listen(address, (link) => {
+          if (!accepting) {
+            link.destroy();
+            return;
+          }
+          acceptSession(link, {
+            ...handshake,
+            onRefused: (reason) => events.emit('session:refused', { remote: link.remoteAddress, reason }),
+          });
+        }))();
+  let listener: TransportListener;
+  try {
+    listener = await listening;
+  } catch (err) {
+    await tun?.close(); // the address is taken (say): leave the system as it was
+    throw err;
+  }
   events.emit('listening', { what: `server (${transport.name})`, address: listener.address });
   const stopWatching = watchClientsFile(rt, auth, log);
 
@@ -134,6 +177,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
         await listener.close();
         await Promise.all([...live].map((s) => s.mux.whenIdle(drainMs)));
         for (const s of [...live]) s.session.close();
+        await tun?.close();
       })();
       return closing;
     },

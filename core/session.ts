@@ -27,8 +27,18 @@
  * A side whose keys get older than rejectAfterMs closes the session.
  */
 import { DshieldError, ErrorCodes } from './errors.ts';
-import { HandshakeState, NoiseError, readInitiation, type CipherState, type HandshakePattern, type HashName, type TransportKeys } from './noise.ts';
-import { ReplayGuard, TIMESTAMP_LENGTH, tai64nNow } from './replay.ts';
+import {
+  checkInitiation,
+  initiatorFactory,
+  jsonBytes,
+  protocolError,
+  readResponse,
+  TIMEOUT_ADVICE,
+  writeInitiation,
+  type ResponderContext,
+} from './handshake.ts';
+import { NoiseError, type CipherState, type HandshakePattern, type HandshakeState, type HashName, type TransportKeys } from './noise.ts';
+import { ReplayGuard } from './replay.ts';
 import type { AuthPlugin, CipherPlugin, ClientIdentity, Link, Logger } from './types.ts';
 import type { KeyPair } from './x25519.ts';
 
@@ -55,6 +65,12 @@ export interface Session {
   readonly params: Record<string, unknown>;
   /** Largest payload send() accepts: link.maxRecordSize - 16 (tag) - 1 (type). */
   readonly maxPayload: number;
+  /**
+   * True when payloads may be lost, duplicated away or reordered (a datagram
+   * session, core/session-datagram.ts): its mux must run in lossy mode.
+   * Absent or false: every payload arrives once, in order (stream sessions).
+   */
+  readonly lossy?: boolean;
   /** Records arriving before start are queued (bounded) and delivered on start. Call once. */
   start(handlers: SessionHandlers): void;
   /** Encrypts (type 0 || payload) as one record. False: wait for drain. Throws RangeError above maxPayload. */
@@ -109,7 +125,6 @@ export interface ServerAcceptOptions {
   rejectAfterMs?: number;
 }
 
-const PROLOGUE = Buffer.from('dshield/1', 'ascii');
 const TAG_LENGTH = 16;
 const EMPTY = Buffer.alloc(0);
 
@@ -124,9 +139,6 @@ const DEFAULT_REJECT_AFTER_MS = 180_000;
 const REKEY_AFTER_RECORDS = 2 ** 48;
 /** Payload bytes held for a session whose owner has not called start() yet. */
 const PRESTART_QUEUE_LIMIT = 1 << 20;
-
-const TIMEOUT_ADVICE =
-  "it may not know this client's key or PSK, or its key is not the pinned client.serverPublicKey (which may be a man in the middle)";
 
 // ---------------------------------------------------------------------------
 // The session after the handshake
@@ -150,10 +162,6 @@ interface SessionInit {
   role: RekeyRole;
   bytesIn: number;
   bytesOut: number;
-}
-
-function protocolError(message: string, cause?: unknown): DshieldError {
-  return new DshieldError(ErrorCodes.PROTOCOL, message, cause === undefined ? undefined : { cause });
 }
 
 class SecureSession implements Session {
@@ -437,7 +445,7 @@ class SecureSession implements Session {
     if (this.pendingRekey !== null || this.state !== 'open' || this.role.newInitiator === undefined) return;
     try {
       const hs = this.role.newInitiator();
-      const message1 = hs.writeMessage(Buffer.concat([tai64nNow(), Buffer.from('{}')]));
+      const message1 = writeInitiation(hs, {});
       this.pendingRekey = hs;
       this.sendInternal(REKEY_INIT, message1);
       this.log.debug('rekey started');
@@ -547,81 +555,6 @@ class SecureSession implements Session {
 // ---------------------------------------------------------------------------
 // Handshake helpers
 
-function jsonBytes(value: Record<string, unknown>): Buffer {
-  return Buffer.from(JSON.stringify(value), 'utf8');
-}
-
-/** An empty payload is {}; anything but a JSON object is null. */
-function parseJsonObject(bytes: Buffer): Record<string, unknown> | null {
-  if (bytes.length === 0) return {};
-  try {
-    const value: unknown = JSON.parse(bytes.toString('utf8'));
-    if (value === null || typeof value !== 'object' || Array.isArray(value)) return null;
-    return value as Record<string, unknown>;
-  } catch {
-    return null;
-  }
-}
-
-interface ResponderContext {
-  cipher: CipherPlugin;
-  hash: HashName;
-  staticKey: KeyPair;
-  auth: AuthPlugin;
-  replay: ReplayGuard;
-}
-
-type Initiation =
-  | { ok: true; state: HandshakeState; clientKey: Buffer; identity: ClientIdentity; json: Record<string, unknown> }
-  | { ok: false; reason: string };
-
-const BOTH_PATTERNS: readonly HandshakePattern[] = ['IK', 'IKpsk2'];
-
-/**
- * Server: authenticate a message 1 and decide whether to answer it. The
- * replay guard records the timestamp only after the key is authorized.
- */
-function checkInitiation(ctx: ResponderContext, message1: Buffer, expectedKey?: Buffer): Initiation {
-  let state: HandshakeState;
-  let payload: Buffer;
-  try {
-    ({ state, payload } = readInitiation(
-      { cipher: ctx.cipher, hash: ctx.hash, prologue: PROLOGUE, staticKey: ctx.staticKey },
-      message1,
-      BOTH_PATTERNS,
-    ));
-  } catch {
-    return { ok: false, reason: 'bad handshake' };
-  }
-  const clientKey = state.remoteStaticKey!;
-  if (expectedKey !== undefined && !clientKey.equals(expectedKey)) return { ok: false, reason: 'client key changed' };
-  let identity: ClientIdentity | null;
-  let psk: Buffer | undefined;
-  try {
-    identity = ctx.auth.authorize(clientKey);
-    if (identity === null) return { ok: false, reason: 'unknown client key' };
-    psk = ctx.auth.psk(clientKey);
-  } catch (err) {
-    return { ok: false, reason: `auth plugin failed: ${err instanceof Error ? err.message : String(err)}` };
-  }
-  // The client must use a PSK exactly when the server expects one for it.
-  if ((psk !== undefined) !== state.usesPsk) return { ok: false, reason: 'psk mismatch' };
-  if (psk !== undefined) {
-    try {
-      state.setPsk(psk);
-    } catch {
-      return { ok: false, reason: 'psk mismatch' };
-    }
-  }
-  if (payload.length < TIMESTAMP_LENGTH) return { ok: false, reason: 'bad handshake' };
-  const json = parseJsonObject(payload.subarray(TIMESTAMP_LENGTH));
-  if (json === null) return { ok: false, reason: 'bad handshake' };
-  if (!ctx.replay.accept(clientKey.toString('base64'), payload.subarray(0, TIMESTAMP_LENGTH))) {
-    return { ok: false, reason: 'replayed initiation' };
-  }
-  return { ok: true, state, clientKey, identity, json };
-}
-
 function rejectAfter(opts: { rejectAfterMs?: number }): number {
   return opts.rejectAfterMs ?? DEFAULT_REJECT_AFTER_MS;
 }
@@ -644,23 +577,13 @@ export function connectSession(link: Link, opts: ClientHandshakeOptions): Promis
       return;
     }
     const pattern: HandshakePattern = opts.psk !== undefined ? 'IKpsk2' : 'IK';
-    const newInitiator = (): HandshakeState =>
-      new HandshakeState({
-        pattern,
-        initiator: true,
-        cipher: opts.cipher,
-        hash: opts.hash,
-        prologue: PROLOGUE,
-        staticKey: opts.staticKey,
-        remoteStaticKey: opts.serverPublicKey,
-        psk: opts.psk,
-      });
-
+    let newInitiator: () => HandshakeState;
     let handshake: HandshakeState;
     let message1: Buffer;
     try {
+      newInitiator = initiatorFactory(opts);
       handshake = newInitiator();
-      message1 = handshake.writeMessage(Buffer.concat([tai64nNow(), jsonBytes(opts.payload ?? {})]));
+      message1 = writeInitiation(handshake, opts.payload ?? {});
     } catch (err) {
       link.destroy();
       reject(new DshieldError(ErrorCodes.KEY, `cannot start the handshake: ${err instanceof Error ? err.message : String(err)}`, { cause: err }));
@@ -696,23 +619,11 @@ export function connectSession(link: Link, opts: ClientHandshakeOptions): Promis
         }
         if (settled) return;
         bytesIn += record.length;
-        let payload: Buffer;
+        let params: Record<string, unknown>;
         try {
-          payload = handshake.readMessage(record);
+          params = readResponse(handshake, record);
         } catch (err) {
-          fail(
-            new DshieldError(
-              ErrorCodes.SERVER_KEY_MISMATCH,
-              "the server's handshake answer failed to authenticate: the server's key does not match the pinned " +
-                "client.serverPublicKey (this may be a man in the middle), or the PSK differs from the server's",
-              { cause: err },
-            ),
-          );
-          return;
-        }
-        const params = parseJsonObject(payload);
-        if (params === null) {
-          fail(protocolError("the server's handshake answer carries no valid session parameters (JSON object)"));
+          fail(err as DshieldError);
           return;
         }
         settled = true;

@@ -161,9 +161,19 @@ export interface TransportListener {
   close(): Promise<void>;
 }
 
-export interface TransportPlugin extends Closable {
+/**
+ * A transport is one of two kinds. A stream transport (tcp, ws) makes one
+ * Link per client and frames records itself. A datagram transport (udp) is a
+ * dumb socket: it binds a DatagramEndpoint and moves datagrams; the session
+ * layer (core/session-datagram.ts) does everything else, as WireGuard's
+ * device does over its conn.Bind (indices, replay window, roaming,
+ * handshake retransmission). Narrow on `type`.
+ */
+export type TransportPlugin = StreamTransportPlugin | DatagramTransportPlugin;
+
+export interface StreamTransportPlugin extends Closable {
   readonly name: string;
-  readonly type: 'stream' | 'datagram';
+  readonly type: 'stream';
   /**
    * Listen on `address` ("host:port" or, for ws, "host:port" with the path from
    * the plugin's options). Calls `onLink` for every new peer. Rejects with a
@@ -175,6 +185,65 @@ export interface TransportPlugin extends Closable {
    * Rejects with DshieldError(UNREACHABLE) when the server cannot be reached.
    */
   dial(address: string, signal?: AbortSignal): Promise<Link>;
+}
+
+/** What a DatagramEndpoint delivers to. Set once with `endpoint.start(handlers)`. */
+export interface DatagramHandlers {
+  /**
+   * One datagram as it arrived, from `from` (numeric "ip:port", IPv6 in
+   * brackets, exactly as `send` takes it back). The buffer may be reused
+   * after the handler returns: copy what must outlive the call. Anyone on the
+   * network can send anything: the endpoint filters nothing.
+   */
+  datagram(data: Buffer, from: string): void;
+  /** After `send` returned false: the endpoint can take more. */
+  drain(): void;
+  /** The endpoint is gone (close(), or a socket error). Called exactly once. */
+  close(err?: Error): void;
+}
+
+/**
+ * One bound datagram socket, shared by every session on it (server) or
+ * owned by one session (client). It knows nothing of sessions or peers.
+ */
+export interface DatagramEndpoint {
+  /** The bound address, numeric "ip:port" (IPv6 in brackets). */
+  readonly localAddress: string;
+  /**
+   * The largest datagram `send` accepts, in bytes. Chosen by the transport
+   * so that datagrams fit the path (see its `mtu` option).
+   */
+  readonly maxDatagramSize: number;
+  /**
+   * Begin delivering to `handlers`. Called once. Datagrams that arrive
+   * before are kept up to a small bound, then dropped (UDP may drop).
+   */
+  start(handlers: DatagramHandlers): void;
+  /**
+   * Send one datagram to `to` (numeric "ip:port" / "[ipv6]:port"; no name
+   * lookups on the data path). Never throws for network conditions; a lost
+   * datagram is not reported. Returns false when the caller should stop
+   * until `drain` (too many sends in flight; the endpoint drops datagrams
+   * beyond its bound) or when the endpoint is closed. Throws RangeError for a
+   * datagram above maxDatagramSize or a malformed `to` (caller bugs). The
+   * endpoint may hold `datagram` until the OS has taken it: do not modify
+   * it after the call.
+   */
+  send(datagram: Buffer, to: string): boolean;
+  /** Stop delivering, let sends in flight finish, release the socket. Idempotent. */
+  close(): void;
+}
+
+export interface DatagramTransportPlugin extends Closable {
+  readonly name: string;
+  readonly type: 'datagram';
+  /**
+   * Bind a datagram socket on `address` ("host:port"; port 0 for any).
+   * The server binds its listen address; a client binds "0.0.0.0:0" or
+   * "[::]:0" by the server's address family. Rejects with DshieldError(LISTEN)
+   * when the address cannot be bound, CONFIG when it is malformed.
+   */
+  bind(address: string): Promise<DatagramEndpoint>;
 }
 
 // ---------------------------------------------------------------------------
@@ -294,6 +363,48 @@ export interface Tunnel {
   openStream(target: Target): Promise<Duplex>;
   /** Open a UDP association through the tunnel. */
   openUdp(): TunnelUdp;
+  /**
+   * IP packets through the tunnel (TUN mode). Present only when client.tun is
+   * on; the first session has then already been answered with TUN parameters.
+   */
+  readonly packets?: TunnelPackets;
+}
+
+/** What the server assigns a TUN-mode client in the handshake response (`tun`). */
+export interface TunParams {
+  /** The client's IPv4 address with the pool's prefix, e.g. "10.66.0.2/24". */
+  address: string;
+  /** The client's IPv6 address with prefix, when the server has an IPv6 pool. */
+  address6?: string;
+  /** Resolvers to use through the tunnel. */
+  dns: string[];
+  /** The TUN device's MTU; packets are never larger. */
+  mtu: number;
+}
+
+/** The client core's packet path for inbound-tun. */
+export interface TunnelPackets {
+  /**
+   * The server endpoint, resolved once at start: the client dials this
+   * address on every reconnect (no DNS while the tunnel owns the resolver),
+   * so it must stay routed outside the tunnel and allowed by a kill switch.
+   */
+  readonly server: { ip: string; port: number; protocol: 'tcp' | 'udp' };
+  /** The parameters of the latest session (the current one while up). */
+  readonly params: TunParams;
+  /** True while a session is up. */
+  readonly up: boolean;
+  /**
+   * Send one IP packet (copied before return). False when it was dropped:
+   * tunnel down, congested, or larger than params.mtu. Never queues unboundedly.
+   */
+  send(packet: Uint8Array): boolean;
+  /** Packets from the server; the buffer is valid only during the call. One handler; a later call replaces it. */
+  onPacket(handler: (packet: Buffer) => void): void;
+  /** Called on every session up after the first (a reconnect), with that session's parameters. */
+  onUp(handler: (params: TunParams) => void): void;
+  /** Called when a session goes down (packets are dropped until onUp). */
+  onDown(handler: (reason: string) => void): void;
 }
 
 export interface InboundPlugin extends Closable {
@@ -339,6 +450,8 @@ export interface UserConfig {
     publicAddress?: string;
     /** Outbound plugin: default 'direct'. */
     outbound?: PluginRef;
+    /** Full-device VPN: give clients addresses and forward their packets (Linux, root). */
+    tun?: boolean | ServerTunUserConfig;
   };
   client?: {
     server?: string;
@@ -352,7 +465,76 @@ export interface UserConfig {
     keepalive?: number;
     /** Milliseconds to wait for the server's handshake response. */
     handshakeTimeout?: number;
+    /** Full-device VPN: capture every packet with a TUN device (Linux, root). */
+    tun?: boolean | ClientTunUserConfig;
   };
+}
+
+export interface ClientTunUserConfig {
+  /** Device name, or a pattern with %d (default "dshield%d"). */
+  name?: string;
+  /** Ranges to send through the tunnel; default everything (and IPv6 when the server assigns an address). */
+  routes?: string[];
+  /** Ranges that keep using the real network. */
+  exclude?: string[];
+  /** Use the resolvers the server names (restored on exit). Default true. */
+  dns?: boolean;
+  /** Block (nftables) every packet not for the tunnel or the server, also while reconnecting. Default false. */
+  killSwitch?: boolean;
+  /** TUN queues (default 1). */
+  queues?: number;
+  /** Where the crash-recovery journal lives (default /var/lib/dshield). */
+  stateDir?: string;
+  /** The resolver file dns: true replaces and restores (default /etc/resolv.conf). */
+  resolvConf?: string;
+}
+
+export interface ServerTunUserConfig {
+  /** The client address pool (default "10.66.0.0/24"); the server takes the first address. */
+  subnet?: string;
+  /** An IPv6 pool (default none: IPv6 from clients is dropped). */
+  subnet6?: string;
+  /** Masquerade clients behind the server's address (default true). */
+  nat?: boolean;
+  /** Resolvers clients use (default ["1.1.1.1"]). */
+  dns?: string[] | string;
+  /** Let clients reach each other (default false). */
+  clientToClient?: boolean;
+  /** Device name, or a pattern with %d (default "dshield%d"). */
+  name?: string;
+  /** Where each client's address is remembered (default keys/leases.json). */
+  leasesFile?: string;
+  /** The TUN MTU handed to clients (default 1420). */
+  mtu?: number;
+  /** Where the crash-recovery journal lives (default /var/lib/dshield). */
+  stateDir?: string;
+}
+
+/** client.tun once resolved: every field present. */
+export interface ClientTunConfig {
+  name: string;
+  /** null: everything (0.0.0.0/1 + 128.0.0.0/1, and ::/1 + 8000::/1 when the server assigns IPv6). */
+  routes: string[] | null;
+  exclude: string[];
+  dns: boolean;
+  killSwitch: boolean;
+  queues: number;
+  stateDir: string;
+  resolvConf: string;
+}
+
+/** server.tun once resolved: every field present; leasesFile is absolute. */
+export interface ServerTunConfig {
+  subnet: string;
+  /** '' when there is no IPv6 pool. */
+  subnet6: string;
+  nat: boolean;
+  dns: string[];
+  clientToClient: boolean;
+  name: string;
+  leasesFile: string;
+  mtu: number;
+  stateDir: string;
 }
 
 /**
@@ -381,6 +563,7 @@ export interface ResolvedConfig {
     clientsFile: string;
     publicAddress: string;
     outbound: ResolvedPluginRef;
+    tun: ServerTunConfig | false;
   };
   client: {
     server: string;
@@ -391,6 +574,7 @@ export interface ResolvedConfig {
     connectWait: number;
     keepalive: number;
     handshakeTimeout: number;
+    tun: ClientTunConfig | false;
   };
 }
 

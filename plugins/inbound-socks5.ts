@@ -63,6 +63,8 @@ const ZERO_V4: IpAddress = { family: 4, words: [0] };
 /** How a failed stream open is told to the SOCKS client. */
 export function replyCodeFor(err: unknown): number {
   if (isDshieldError(err, ErrorCodes.EGRESS_DENIED)) return SocksReply.NOT_ALLOWED;
+  // The tunnel cannot carry streams (a datagram transport): CONNECT is a command this proxy cannot do.
+  if (isDshieldError(err, ErrorCodes.UNSUPPORTED)) return SocksReply.COMMAND_NOT_SUPPORTED;
   if (isDshieldError(err, ErrorCodes.DESTINATION)) {
     switch (err.detail?.reason) {
       case 'refused':

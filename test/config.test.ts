@@ -81,6 +81,7 @@ test('no config file: the built-in defaults', async () => {
     clientsFile: join(d, 'keys', 'clients.json'),
     publicAddress: '',
     outbound: { use: 'direct', options: {} },
+    tun: false,
   });
   assert.equal(c.client, {
     server: '127.0.0.1:8443',
@@ -91,6 +92,7 @@ test('no config file: the built-in defaults', async () => {
     connectWait: 10000,
     keepalive: 25000,
     handshakeTimeout: 10000,
+    tun: false,
   });
   assert.ok(listConfigKeys().includes('client.serverPublicKey'));
 });

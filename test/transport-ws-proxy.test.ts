@@ -16,7 +16,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import WebSocket from 'ws';
 import { isDshieldError } from '../core/errors.ts';
-import type { Link, TransportListener, TransportPlugin } from '../core/types.ts';
+import type { Link, TransportListener, StreamTransportPlugin } from '../core/types.ts';
 import wsPlugin from '../plugins/transport-ws.ts';
 import { testContext } from './helpers/context.ts';
 import { patterned, probeLink, sendAll, sleep } from './helpers/link-probe.ts';
@@ -24,8 +24,8 @@ import { withTimeout } from './helpers/timeout.ts';
 
 type WsOptions = Parameters<typeof wsPlugin.create>[0];
 
-function makeWs(options: Partial<WsOptions> = {}): TransportPlugin {
-  return wsPlugin.create(options as WsOptions, testContext()) as TransportPlugin;
+function makeWs(options: Partial<WsOptions> = {}): StreamTransportPlugin {
+  return wsPlugin.create(options as WsOptions, testContext()) as StreamTransportPlugin;
 }
 
 function portOf(address: string): number {
@@ -33,7 +33,7 @@ function portOf(address: string): number {
 }
 
 /** A dshield ws server whose links are handed to the test one by one. */
-async function startServer(t: TransportPlugin): Promise<{ listener: TransportListener; nextLink(): Promise<Link> }> {
+async function startServer(t: StreamTransportPlugin): Promise<{ listener: TransportListener; nextLink(): Promise<Link> }> {
   const queue: Link[] = [];
   const waiting: ((l: Link) => void)[] = [];
   const listener = await t.listen('127.0.0.1:0', (l) => {
@@ -301,7 +301,7 @@ test('wss:// with a self-signed certificate: refused by default (reason tls), wo
     const server = wsPlugin.create(
       { tlsCert: 'cert.pem', tlsKey: 'key.pem' } as WsOptions,
       testContext({ baseDir: dir }),
-    ) as TransportPlugin;
+    ) as StreamTransportPlugin;
     const { listener, nextLink } = await startServer(server);
     try {
       const strict = await rejection(makeWs().dial(`wss://${listener.address}/dshield`));

@@ -12,7 +12,7 @@
  * value can never inject nft syntax.
  */
 import { DshieldError, ErrorCodes } from '../errors.ts';
-import { formatIp, parseCidr, parseIp } from '../cidr.ts';
+import { cidrContainsIp, formatIp, parseCidr, parseIp, type Cidr } from '../cidr.ts';
 
 export const KILL_SWITCH_TABLE = 'dshield_killswitch';
 export const NAT_TABLE = 'dshield_nat';
@@ -120,7 +120,35 @@ export interface ServerNatOptions {
   clientToClient?: boolean;
   /** Masquerade (NAT) at all. Default true. */
   nat?: boolean;
+  /**
+   * The egress policy for clients' packets (forwarded, or to this host):
+   * destinations in `deny` are dropped unless inside a range of `allow`
+   * (core/cidr.ts DEFAULT_EGRESS_DENY and server.egress.allow). Default: no policy.
+   */
+  egress?: { deny: readonly string[]; allow: readonly string[] };
+  /** Resolvers the clients were told to use: DNS to them is allowed whatever the egress policy says. */
+  dns?: readonly string[];
   table?: string;
+}
+
+/** Canonical ranges without those another one in the list already covers (nft refuses overlapping set elements). */
+function outermost(list: readonly string[]): { text: string; family: 4 | 6 }[] {
+  const parsed: Cidr[] = list.map((t) => canonicalCidr(t)).map((c) => parseCidr(c.text));
+  const keep = parsed.filter(
+    (c, i) => !parsed.some((o, j) => j !== i && o.family === c.family && o.prefix <= c.prefix && cidrContainsIp(o, c) && (o.prefix < c.prefix || j < i)),
+  );
+  return keep.map((c) => ({ text: `${formatIp({ family: c.family, words: c.words })}/${c.prefix}`, family: c.family }));
+}
+
+/** `ip daddr { a, b }` / `ip6 daddr { ... }` rules for a list of ranges, one per family present. */
+function daddrRules(prefix: string, list: readonly string[], verdict: string): string[] {
+  const ranges = outermost(list);
+  const out: string[] = [];
+  for (const fam of [4, 6] as const) {
+    const mine = ranges.filter((r) => r.family === fam).map((r) => r.text);
+    if (mine.length > 0) out.push(`${prefix} ${fam === 4 ? 'ip' : 'ip6'} daddr { ${mine.join(', ')} } ${verdict}`);
+  }
+  return out;
 }
 
 /**
@@ -147,13 +175,44 @@ export function serverNatScript(opts: ServerNatOptions): string {
       '  }',
     );
   }
+  const antiSpoof = [
+    `    iifname "${tun}" ip saddr != ${v4.text} drop`,
+    v6 ? `    iifname "${tun}" ip6 saddr != ${v6.text} drop` : `    iifname "${tun}" meta nfproto ipv6 drop`,
+  ];
+  // The egress policy, after the exceptions: DNS to the named resolvers, then the allowed ranges.
+  const policy: string[] = [];
+  if (opts.egress) {
+    const dns = (opts.dns ?? []).map((d) => canonicalIp(d));
+    for (const fam of [4, 6] as const) {
+      const mine = dns.filter((d) => d.family === fam).map((d) => d.text);
+      if (mine.length === 0) continue;
+      const match = `iifname "${tun}" ${fam === 4 ? 'ip' : 'ip6'} daddr { ${[...new Set(mine)].join(', ')} }`;
+      policy.push(`    ${match} udp dport 53 accept`, `    ${match} tcp dport 53 accept`);
+    }
+    policy.push(...daddrRules(`    iifname "${tun}"`, opts.egress.allow, 'accept'));
+    policy.push(...daddrRules(`    iifname "${tun}"`, opts.egress.deny, 'drop'));
+  }
   body.push(
     '  chain forward {',
     '    type filter hook forward priority filter; policy accept;',
-    `    iifname "${tun}" ip saddr != ${v4.text} drop`,
-    v6 ? `    iifname "${tun}" ip6 saddr != ${v6.text} drop` : `    iifname "${tun}" meta nfproto ipv6 drop`,
-    ...(opts.clientToClient ? [] : [`    iifname "${tun}" oifname "${tun}" drop`]),
+    ...antiSpoof,
+    `    iifname "${tun}" oifname "${tun}" ${opts.clientToClient ? 'accept' : 'drop'}`,
+    ...policy,
     '  }',
   );
+  if (opts.egress) {
+    // Packets from clients to this host's own addresses: the same policy (so the
+    // pool's private range, the host's LAN and loopback services stay closed),
+    // but a ping to the gateway answers.
+    body.push(
+      '  chain input {',
+      '    type filter hook input priority filter; policy accept;',
+      ...antiSpoof,
+      `    iifname "${tun}" icmp type echo-request accept`,
+      `    iifname "${tun}" icmpv6 type { echo-request, nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept`,
+      ...policy,
+      '  }',
+    );
+  }
   return replaceTable('inet', table, body);
 }

@@ -1,20 +1,31 @@
 /**
  * Compliance suite for transport plugins: every plugins/transport-*.ts is
- * found on disk and run through the same checks of the Link and
- * TransportPlugin contracts (core/types.ts), over 127.0.0.1 (and ::1 when the
- * machine has it). Datagram transports are reported as skipped here (this
- * suite checks stream guarantees: order, no loss). tcp gets extra checks of
- * its framing (garbage in, split chunks, zero-copy delivery).
+ * found on disk and run through the checks of its kind's contract
+ * (core/types.ts), over 127.0.0.1 (and ::1 when the machine has it). Stream
+ * transports get the Link and StreamTransportPlugin checks (order, no loss,
+ * backpressure, close); datagram transports the DatagramEndpoint checks
+ * (bind, send and receive up to maxDatagramSize, the sender's address,
+ * backpressure, close, a port in use). tcp gets extra checks of its framing
+ * (garbage in, split chunks, zero-copy delivery).
  *
  *   npx tsx test/compliance/transport.test.ts
  */
 import net from 'node:net';
+import dgram from 'node:dgram';
 import { readdirSync } from 'node:fs';
 import { suite, test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { checkPluginDefinition } from '../../core/define.ts';
 import { isDshieldError } from '../../core/errors.ts';
-import type { Link, PluginContext, TransportListener, TransportPlugin } from '../../core/types.ts';
+import type {
+  DatagramEndpoint,
+  DatagramTransportPlugin,
+  Link,
+  PluginContext,
+  StreamTransportPlugin,
+  TransportListener,
+  TransportPlugin,
+} from '../../core/types.ts';
 import { testContext } from '../helpers/context.ts';
 import { patterned, probeLink, sendAll, sleep, type LinkProbe } from '../helpers/link-probe.ts';
 import { withTimeout } from '../helpers/timeout.ts';
@@ -30,7 +41,7 @@ interface Pair {
 }
 
 /** Listens on host:0, dials it, and returns both ends (neither started). */
-async function connectPair(t: TransportPlugin, host = '127.0.0.1'): Promise<Pair> {
+async function connectPair(t: StreamTransportPlugin, host = '127.0.0.1'): Promise<Pair> {
   let resolveServer!: (l: Link) => void;
   const serverLink = new Promise<Link>((r) => (resolveServer = r));
   const listener = await t.listen(`${host}:0`, (l) => resolveServer(l));
@@ -87,11 +98,13 @@ async function assertClosedOnce(a: LinkProbe, b: LinkProbe, what: string): Promi
   assert.is(b.closes.length, 1, `${what}: close called once on the other end`);
 }
 
-function streamSuite(name: string, make: (ctx: PluginContext) => TransportPlugin | Promise<TransportPlugin>): void {
+type Make<T> = (ctx: PluginContext) => T | Promise<T>;
+
+function streamSuite(name: string, make: Make<StreamTransportPlugin>): void {
   const s = suite(`transport ${name}`);
   const controller = new AbortController();
   const ctx = testContext({ signal: controller.signal });
-  let t: TransportPlugin;
+  let t: StreamTransportPlugin;
 
   s.before(async () => {
     t = await make(ctx);
@@ -423,6 +436,232 @@ function streamSuite(name: string, make: (ctx: PluginContext) => TransportPlugin
 }
 
 // ---------------------------------------------------------------------------
+// datagram transports
+
+interface EndpointProbe {
+  readonly endpoint: DatagramEndpoint;
+  /** Copies of what arrived, with the sender's address. */
+  readonly got: { data: Buffer; from: string }[];
+  readonly closes: (Error | undefined)[];
+  readonly drains: number;
+  start(): void;
+  until(cond: () => boolean, ms: number, what: string): Promise<void>;
+}
+
+function probeEndpoint(endpoint: DatagramEndpoint, opts: { start?: boolean } = {}): EndpointProbe {
+  const got: { data: Buffer; from: string }[] = [];
+  const closes: (Error | undefined)[] = [];
+  let drains = 0;
+  const probe: EndpointProbe = {
+    endpoint,
+    got,
+    closes,
+    get drains() {
+      return drains;
+    },
+    start: () =>
+      endpoint.start({
+        datagram: (data, from) => void got.push({ data: Buffer.from(data), from }),
+        drain: () => void drains++,
+        close: (err) => void closes.push(err),
+      }),
+    until(cond, ms, what) {
+      if (cond()) return Promise.resolve();
+      let timer: NodeJS.Timeout | undefined;
+      return withTimeout(
+        new Promise<void>((resolve) => {
+          timer = setInterval(() => cond() && resolve(), 5);
+        }),
+        ms,
+        what,
+      ).finally(() => clearInterval(timer));
+    },
+  };
+  if (opts.start !== false) probe.start();
+  return probe;
+}
+
+/** Datagrams may arrive in any order: match them by content. */
+function assertDatagrams(got: { data: Buffer; from: string }[], sizes: number[], from: string, what: string): void {
+  assert.is(got.length, sizes.length, `${what}: datagram count`);
+  const left = sizes.map((n, i) => patterned(i, n));
+  for (const g of got) {
+    assert.is(g.from, from, `${what}: the sender's address`);
+    const at = left.findIndex((d) => d.equals(g.data));
+    if (at < 0) assert.unreachable(`${what}: a datagram of ${g.data.length} bytes that was not sent (or arrived twice)`);
+    left.splice(at, 1);
+  }
+}
+
+function datagramSuite(name: string, make: Make<DatagramTransportPlugin>): void {
+  const s = suite(`transport ${name} (datagram)`);
+  const controller = new AbortController();
+  const ctx = testContext({ signal: controller.signal });
+  let t: DatagramTransportPlugin;
+  const open = new Set<DatagramEndpoint>();
+  const bind = async (address = '127.0.0.1:0'): Promise<DatagramEndpoint> => {
+    const e = await t.bind(address);
+    open.add(e);
+    return e;
+  };
+
+  s.before(async () => {
+    t = await make(ctx);
+  });
+  s.after.each(() => {
+    for (const e of open) e.close();
+    open.clear();
+  });
+  s.after(async () => {
+    await t.close?.();
+    controller.abort();
+  });
+
+  s('is a datagram transport with bind()', () => {
+    assert.is(t.name, name);
+    assert.is(t.type, 'datagram');
+    assert.type(t.bind, 'function');
+  });
+
+  s('binds 127.0.0.1:0, reports the bound address and a sane maxDatagramSize', async () => {
+    const e = await bind();
+    const m = /^127\.0\.0\.1:(\d+)$/.exec(e.localAddress);
+    assert.ok(m, `bound address ${e.localAddress}`);
+    assert.ok(Number(m![1]) > 0, 'a real port, not 0');
+    assert.ok(e.maxDatagramSize >= 1200 && e.maxDatagramSize <= 65507, `maxDatagramSize ${e.maxDatagramSize}`);
+  });
+
+  s('datagrams of 0, 1, 1000 and maxDatagramSize bytes arrive intact both ways, with the sender as `from`', async () => {
+    const a = probeEndpoint(await bind());
+    const b = probeEndpoint(await bind());
+    const max = a.endpoint.maxDatagramSize;
+    const sizes = [0, 1, 1000, max, 1, max];
+    for (let i = 0; i < sizes.length; i++) {
+      assert.ok(a.endpoint.send(patterned(i, sizes[i]!), b.endpoint.localAddress), 'send accepted');
+      b.endpoint.send(patterned(i, sizes[i]!), a.endpoint.localAddress);
+    }
+    await b.until(() => b.got.length >= sizes.length, 5_000, 'datagrams at b');
+    await a.until(() => a.got.length >= sizes.length, 5_000, 'datagrams at a');
+    assertDatagrams(b.got, sizes, a.endpoint.localAddress, 'a -> b');
+    assertDatagrams(a.got, sizes, b.endpoint.localAddress, 'b -> a');
+    // `from` is an address send() takes back.
+    b.endpoint.send(patterned(99, 5), b.got[0]!.from);
+    await a.until(() => a.got.length > sizes.length, 5_000, 'an answer to `from`');
+  });
+
+  s('a datagram from any plain UDP socket is delivered with that socket\'s address', async () => {
+    const e = probeEndpoint(await bind());
+    const sock = dgram.createSocket('udp4');
+    try {
+      await new Promise<void>((r) => sock.bind(0, '127.0.0.1', () => r()));
+      sock.send(Buffer.from('hello'), Number(e.endpoint.localAddress.split(':')[1]), '127.0.0.1');
+      await e.until(() => e.got.length === 1, 5_000, 'a datagram from a plain socket');
+      assert.is(e.got[0]!.data.toString(), 'hello');
+      assert.is(e.got[0]!.from, `127.0.0.1:${sock.address().port}`);
+    } finally {
+      sock.close();
+    }
+  });
+
+  s('IPv6: binds [::1]:0 and exchanges datagrams', async () => {
+    if (!(await hasIPv6Loopback())) {
+      console.log(`  (skipped for ${name}: this machine has no ::1)`);
+      return;
+    }
+    const a = probeEndpoint(await bind('[::1]:0'));
+    const b = probeEndpoint(await bind('[::1]:0'));
+    assert.match(a.endpoint.localAddress, /^\[::1\]:\d+$/);
+    a.endpoint.send(patterned(0, 100), b.endpoint.localAddress);
+    await b.until(() => b.got.length === 1, 5_000, 'a datagram over IPv6');
+    assertDatagrams(b.got, [100], a.endpoint.localAddress, 'IPv6');
+  });
+
+  s('above maxDatagramSize, or to a malformed destination, send() throws RangeError and sends nothing', async () => {
+    const a = probeEndpoint(await bind());
+    const b = probeEndpoint(await bind());
+    const to = b.endpoint.localAddress;
+    assert.throws(() => a.endpoint.send(Buffer.alloc(a.endpoint.maxDatagramSize + 1), to), (e: unknown) => e instanceof RangeError);
+    for (const bad of ['example.com:53', '127.0.0.1', '127.0.0.1:0', '::1:53', '[::1]', 'nonsense']) {
+      assert.throws(() => a.endpoint.send(Buffer.alloc(1), bad), (e: unknown) => e instanceof RangeError, bad);
+    }
+    a.endpoint.send(patterned(0, 3), to);
+    await b.until(() => b.got.length >= 1, 5_000, 'the valid datagram');
+    await sleep(50);
+    assertDatagrams(b.got, [3], a.endpoint.localAddress, 'only the valid datagram');
+  });
+
+  s('nothing is delivered before start(), nor by start() itself; early datagrams follow', async () => {
+    const a = probeEndpoint(await bind());
+    const b = probeEndpoint(await bind(), { start: false });
+    for (let i = 0; i < 3; i++) a.endpoint.send(patterned(i, 10 + i), b.endpoint.localAddress);
+    await sleep(100);
+    b.start();
+    assert.is(b.got.length, 0, 'start() delivers nothing synchronously');
+    await b.until(() => b.got.length >= 3, 5_000, 'early datagrams after start');
+    assertDatagrams(b.got, [10, 11, 12], a.endpoint.localAddress, 'early datagrams');
+  });
+
+  s('backpressure: send() returns false when too much is in flight, then drain follows', async () => {
+    const a = probeEndpoint(await bind());
+    const b = probeEndpoint(await bind());
+    let sent = 0;
+    while (a.endpoint.send(patterned(sent, 1), b.endpoint.localAddress)) {
+      sent++;
+      if (sent > 1_000_000) assert.unreachable('send() never returned false');
+    }
+    await a.until(() => a.drains >= 1, 5_000, 'drain after false');
+    assert.ok(a.endpoint.send(patterned(0, 1), b.endpoint.localAddress), 'send works again after drain');
+  });
+
+  s('close(): close handler once, without error; send() after close is false; the port is free again', async () => {
+    const b = probeEndpoint(await bind());
+    const a = probeEndpoint(await bind());
+    a.endpoint.send(patterned(0, 50), b.endpoint.localAddress); // in flight when close() comes: still goes out
+    a.endpoint.close();
+    a.endpoint.close();
+    assert.is(a.endpoint.send(Buffer.alloc(1), b.endpoint.localAddress), false, 'send after close');
+    await a.until(() => a.closes.length === 1, 5_000, 'the close handler');
+    await b.until(() => b.got.length === 1, 5_000, 'the datagram sent just before close()');
+    await sleep(50);
+    assert.is(a.closes.length, 1, 'close called once');
+    assert.is(a.closes[0], undefined, 'no error');
+    const again = await bind(a.endpoint.localAddress);
+    assert.is(again.localAddress, a.endpoint.localAddress, 'the same port binds again');
+  });
+
+  s('bind on a port in use rejects with DSHIELD_ERR_LISTEN', async () => {
+    const first = await bind();
+    const err = await t.bind(first.localAddress).then(
+      (e) => (e.close(), null),
+      (e: unknown) => e,
+    );
+    assert.ok(isDshieldError(err, 'DSHIELD_ERR_LISTEN'), `got ${String(err)}`);
+    assert.match((err as Error).message, `cannot listen on ${first.localAddress}: address already in use`);
+  });
+
+  s('a malformed bind address rejects with DSHIELD_ERR_CONFIG', async () => {
+    for (const bad of ['127.0.0.1', '::1:80', '127.0.0.1:99999', 'localhost:http']) {
+      const err = await t.bind(bad).then(
+        (e) => (e.close(), null),
+        (e: unknown) => e,
+      );
+      assert.ok(isDshieldError(err, 'DSHIELD_ERR_CONFIG'), `${bad}: got ${String(err)}`);
+    }
+  });
+
+  s('aborting ctx.signal closes its endpoints', async () => {
+    const c = new AbortController();
+    const own = await make(testContext({ signal: c.signal }));
+    const e = probeEndpoint(await own.bind('127.0.0.1:0'));
+    c.abort();
+    await e.until(() => e.closes.length === 1, 5_000, 'close after abort');
+    assert.is(e.endpoint.send(Buffer.alloc(1), '127.0.0.1:9'), false);
+  });
+
+  s.run();
+}
+
+// ---------------------------------------------------------------------------
 // tcp framing
 
 function tcpExtras(mod: typeof import('../../plugins/transport-tcp.ts')): void {
@@ -455,7 +694,7 @@ function tcpExtras(mod: typeof import('../../plugins/transport-tcp.ts')): void {
 
   s('garbage bytes from a plain socket parse as records, without a crash; EOF closes the link', async () => {
     const ctx = testContext();
-    const t = mod.default.create({ connectTimeout: 5000, keepAlive: 0 }, ctx) as TransportPlugin;
+    const t = mod.default.create({ connectTimeout: 5000, keepAlive: 0 }, ctx) as StreamTransportPlugin;
     let probe: LinkProbe | undefined;
     const listener = await t.listen('127.0.0.1:0', (l) => (probe = probeLink(l)));
     const sock = net.connect(Number(listener.address.split(':')[1]), '127.0.0.1');
@@ -506,8 +745,9 @@ function tcpExtras(mod: typeof import('../../plugins/transport-tcp.ts')): void {
 const files = readdirSync(PLUGIN_DIR)
   .filter((f) => /^transport-[\w-]+\.ts$/.test(f))
   .sort();
-const covered = new Map<string, 'stream' | 'skipped (datagram)'>();
-const streamTransports: { name: string; make: (ctx: PluginContext) => TransportPlugin | Promise<TransportPlugin> }[] = [];
+const covered = new Map<string, 'stream' | 'datagram'>();
+const streamTransports: { name: string; make: Make<StreamTransportPlugin> }[] = [];
+const datagramTransports: { name: string; make: Make<DatagramTransportPlugin> }[] = [];
 
 for (const file of files) {
   const def = checkPluginDefinition((await import(new URL(file, PLUGIN_DIR).href)).default, 'transport', file);
@@ -516,22 +756,21 @@ for (const file of files) {
   await probeInstance.close?.();
   assert.is(`transport-${def.name}.ts`, file, 'file name matches the plugin name');
   if (probeInstance.type === 'datagram') {
-    console.log(
-      `transport ${def.name}: a datagram transport; this stream suite (ordering, no loss) does not apply, skipped`,
-    );
-    covered.set(def.name, 'skipped (datagram)');
-    continue;
+    datagramTransports.push({ name: def.name, make: make as Make<DatagramTransportPlugin> });
+  } else {
+    streamTransports.push({ name: def.name, make: make as Make<StreamTransportPlugin> });
   }
-  streamTransports.push({ name: def.name, make });
-  covered.set(def.name, 'stream');
+  covered.set(def.name, probeInstance.type);
 }
 const tcpModule = covered.has('tcp') ? await import('../../plugins/transport-tcp.ts') : undefined;
 
 for (const { name, make } of streamTransports) streamSuite(name, make);
+for (const { name, make } of datagramTransports) datagramSuite(name, make);
 if (tcpModule) tcpExtras(tcpModule);
 
 test('every built-in transport is covered by this suite', () => {
   assert.ok(files.includes('transport-tcp.ts') && files.includes('transport-ws.ts'), 'tcp and ws exist');
+  assert.is(covered.get('udp'), 'datagram', 'udp is checked as a datagram transport');
   assert.equal(
     [...covered.keys()].sort(),
     files.map((f) => f.replace(/^transport-|\.ts$/g, '')).sort(),

@@ -35,6 +35,7 @@ export function testConfig(): ResolvedConfig {
       clientsFile: '',
       publicAddress: '',
       outbound: { use: 'direct', options: {} },
+      tun: false,
     },
     client: {
       server: '127.0.0.1:0',
@@ -45,6 +46,7 @@ export function testConfig(): ResolvedConfig {
       connectWait: 5_000,
       keepalive: 25_000,
       handshakeTimeout: 5_000,
+      tun: false,
     },
   };
 }

@@ -10,7 +10,7 @@ export interface TunnelProcs {
   client: Proc;
   /** "127.0.0.1:port" of the client's SOCKS5 proxy. */
   socks: string;
-  /** "http://127.0.0.1:port" of the client's HTTP proxy. */
+  /** "http://127.0.0.1:port" of the client's HTTP proxy ('' with `http: false`). */
   http: string;
   /** The server's transport address. */
   serverAddress: string;
@@ -29,6 +29,8 @@ export interface TunnelOptions {
   /** Dial this instead of the server's address (a relay in the middle). */
   via?: (serverAddress: string) => Promise<string>;
   clientArgs?: string[];
+  /** false: no HTTP proxy (client.http: false), as a datagram transport requires. */
+  http?: false;
 }
 
 export async function startServerProc(opts: TunnelOptions = {}): Promise<{ server: Proc; serverAddress: string; dir: string; config: string; cleanup(): void }> {
@@ -49,7 +51,7 @@ export async function startServerProc(opts: TunnelOptions = {}): Promise<{ serve
       privateKey: 'keys/client.key',
       serverPublicKey: 'keys/server.pub',
       socks: '127.0.0.1:0',
-      http: '127.0.0.1:0',
+      http: opts.http === false ? false : '127.0.0.1:0',
       handshakeTimeout: 2500,
     },
   });
@@ -68,7 +70,7 @@ export async function startTunnel(opts: TunnelOptions = {}): Promise<TunnelProcs
     const dial = opts.via ? await opts.via(s.serverAddress) : s.serverAddress;
     const client = startClientProc(s.config, dial, opts.clientArgs);
     const [, socks] = await client.waitFor(/proxy ready: socks5:\/\/(\S+)/);
-    const [, http] = await client.waitFor(/proxy ready: (http:\/\/\S+)/);
+    const [, http] = opts.http === false ? [, ''] : await client.waitFor(/proxy ready: (http:\/\/\S+)/);
     return {
       server: s.server,
       client,

@@ -1,0 +1,376 @@
+/**
+ * transport "udp": one record per UDP datagram (node:dgram, udp4 or udp6 by
+ * the address family).
+ *
+ * This plugin is the dumb half, like wireguard-go's conn.Bind: it binds a
+ * socket and moves datagrams to and from numeric addresses. Sessions,
+ * indices, the replay window, roaming and handshake retransmission live in
+ * core/session-datagram.ts.
+ *
+ * Sizes: `mtu` is the tunnel's MTU (the TUN device's, default 1420 as in
+ * WireGuard). Datagrams are sized so that an IP packet of `mtu` bytes fits
+ * one record with its mux frame: maxDatagramSize = mtu + 7 (mux frame
+ * header) + 30 (record header 13, record type 1, AEAD tag 16) = 1457 by
+ * default. On the wire that is an IP packet of mtu + 65 bytes over IPv4 and
+ * mtu + 85 over IPv6, which must fit the path MTU (1500 on most links: mtu
+ * 1435 at most over IPv4, 1415 over IPv6; lower it for PPPoE or tunnels in
+ * tunnels). A larger datagram is fragmented by the kernel or dropped on the
+ * way, so a wrong mtu costs speed or reachability, never safety.
+ *
+ * Sending: dgram has no backpressure signal, so the endpoint counts sends
+ * the OS has not confirmed; at `sendQueue` of them send() drops the datagram
+ * and returns false (UDP may drop), and drain follows once half have
+ * completed. Addresses are numeric on the data path: the socket's lookup
+ * function refuses names, so no datagram waits for DNS.
+ */
+import dgram from 'node:dgram';
+import { lookup as dnsLookup } from 'node:dns/promises';
+import { isIP } from 'node:net';
+import { definePlugin } from '../core/define.ts';
+import { DshieldError, ErrorCodes } from '../core/errors.ts';
+import { formatHostPort, parseHostPort } from '../core/hostport.ts';
+import { FRAME_HEADER } from '../core/mux.ts';
+import { datagramSizeFor } from '../core/session-datagram.ts';
+import type { DatagramEndpoint, DatagramHandlers, DatagramTransportPlugin, Logger } from '../core/types.ts';
+
+/** The largest UDP payload over IPv4 (65535 - 20 - 8). */
+const MAX_UDP_PAYLOAD = 65507;
+/** Datagrams kept for an endpoint whose owner has not called start() yet. */
+const PRESTART_LIMIT = 64;
+/** close() waits this long at most for sends in flight before releasing the socket. */
+const CLOSE_GRACE_MS = 1000;
+/** At most one send error is logged per this interval (with a count of the others). */
+const ERROR_LOG_INTERVAL_MS = 10_000;
+/** Parsed destinations remembered per endpoint (a server talks to many peers); cleared when full. */
+const ADDRESS_CACHE_LIMIT = 4096;
+
+export interface UdpOptions {
+  mtu: number;
+  recvBufferSize: number;
+  sendBufferSize: number;
+  sendQueue: number;
+}
+
+interface Destination {
+  host: string;
+  port: number;
+}
+
+/**
+ * dgram's lookup hook: numeric addresses pass through synchronously (so a
+ * send goes out within the call), names are refused. (Node passes the
+ * socket's family as the second argument, whatever @types/node says.)
+ */
+function numericOnly(address: string, _family: unknown, callback: (err: NodeJS.ErrnoException | null, address: string, family: number) => void): void {
+  const kind = isIP(address);
+  if (kind === 0) {
+    const err: NodeJS.ErrnoException = Object.assign(new Error(`not a numeric address: ${address}`), { code: 'ENOTFOUND' });
+    callback(err, address, 0);
+    return;
+  }
+  callback(null, address, kind);
+}
+
+function describeBindError(err: NodeJS.ErrnoException): string {
+  switch (err.code) {
+    case 'EADDRINUSE':
+      return 'address already in use';
+    case 'EACCES':
+      return 'permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)';
+    case 'EADDRNOTAVAIL':
+      return 'address not available (no interface on this machine has it)';
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return 'cannot resolve the host name';
+    default:
+      return err.message;
+  }
+}
+
+/** "ip:port" / "[ipv6]:port" as DatagramHandlers.datagram reports them; RangeError otherwise. */
+function parseDestination(to: string): Destination {
+  let host: string;
+  let portText: string;
+  if (to.startsWith('[')) {
+    const close = to.indexOf(']');
+    host = to.slice(1, close);
+    portText = close > 0 && to[close + 1] === ':' ? to.slice(close + 2) : '';
+  } else {
+    const colon = to.lastIndexOf(':');
+    host = to.slice(0, colon);
+    portText = colon > 0 ? to.slice(colon + 1) : '';
+  }
+  const port = Number(portText);
+  // IPv6 only in brackets, IPv4 only without: one spelling per address, as `from` gives it.
+  const family = isIP(host);
+  if (family !== (to.startsWith('[') ? 6 : 4) || !/^\d{1,5}$/.test(portText) || port < 1 || port > 65535) {
+    throw new RangeError(`udp transport: "${to.slice(0, 60)}" is not a numeric ip:port destination`);
+  }
+  return { host, port };
+}
+
+class UdpEndpoint implements DatagramEndpoint {
+  readonly localAddress: string;
+  private handlers: DatagramHandlers | undefined;
+  private early: Array<{ data: Buffer; from: string }> = [];
+  private readonly destinations = new Map<string, Destination>();
+  private inflight = 0;
+  private wantsDrain = false;
+  private closing = false;
+  private socketClosed = false;
+  private closeDelivered = false;
+  private error: Error | undefined;
+  private graceTimer: NodeJS.Timeout | undefined;
+  private sendErrors = 0;
+  private lastErrorLog = 0;
+  /** Datagrams dropped because too many sends were in flight (for debugging). */
+  dropped = 0;
+
+  constructor(
+    private readonly socket: dgram.Socket,
+    readonly maxDatagramSize: number,
+    private readonly sendQueue: number,
+    private readonly log: Logger,
+    private readonly onGone: (e: UdpEndpoint) => void,
+  ) {
+    const bound = socket.address();
+    this.localAddress = formatHostPort(bound.address, bound.port);
+    socket.on('message', (data, rinfo) => {
+      if (this.closing) return;
+      // dgram hands each message its own buffer; formatHostPort keeps ::ffff:a.b.c.d as is, so send() can answer it.
+      const from = formatHostPort(rinfo.address, rinfo.port);
+      const handlers = this.handlers;
+      if (handlers === undefined) {
+        if (this.early.length < PRESTART_LIMIT) this.early.push({ data, from });
+        return;
+      }
+      this.deliver(handlers, data, from);
+    });
+    socket.on('error', (err) => {
+      // An unconnected UDP socket reports send failures to the send callback;
+      // what arrives here means the socket itself is broken.
+      this.log.warn('udp socket error; closing the endpoint', { address: this.localAddress, error: err.message });
+      this.error ??= err;
+      this.close();
+    });
+    socket.on('close', () => {
+      this.socketClosed = true;
+      clearTimeout(this.graceTimer);
+      this.onGone(this);
+      this.deliverClose();
+    });
+  }
+
+  start(handlers: DatagramHandlers): void {
+    if (this.handlers) throw new Error('udp transport: endpoint.start() called twice');
+    this.handlers = handlers;
+    // Like a Link, start() itself delivers nothing: what came early follows on the next tick.
+    process.nextTick(() => {
+      const early = this.early;
+      this.early = [];
+      for (const { data, from } of early) {
+        if (this.closing) break;
+        this.deliver(handlers, data, from);
+      }
+      if (this.socketClosed) this.deliverClose();
+    });
+  }
+
+  send(datagram: Buffer, to: string): boolean {
+    if (datagram.length > this.maxDatagramSize) {
+      throw new RangeError(`udp transport: a datagram of ${datagram.length} bytes exceeds maxDatagramSize ${this.maxDatagramSize}`);
+    }
+    let dest = this.destinations.get(to);
+    if (dest === undefined) {
+      dest = parseDestination(to);
+      if (this.destinations.size >= ADDRESS_CACHE_LIMIT) this.destinations.clear();
+      this.destinations.set(to, dest);
+    }
+    if (this.closing) return false;
+    if (this.inflight >= this.sendQueue) {
+      this.dropped++;
+      this.wantsDrain = true;
+      return false;
+    }
+    this.inflight++;
+    try {
+      this.socket.send(datagram, dest.port, dest.host, this.sent);
+    } catch (err) {
+      // dgram throws synchronously only for a socket that is already closed.
+      this.inflight--;
+      this.noteSendError(err as Error);
+      return false;
+    }
+    if (this.inflight >= this.sendQueue) {
+      this.wantsDrain = true;
+      return false;
+    }
+    return true;
+  }
+
+  close(): void {
+    if (this.closing) return;
+    this.closing = true;
+    this.early = [];
+    if (this.inflight === 0) {
+      this.closeSocket();
+      return;
+    }
+    // Let what was handed to us go out (a session's CLOSE record, typically).
+    this.graceTimer = setTimeout(() => this.closeSocket(), CLOSE_GRACE_MS);
+    this.graceTimer.unref();
+  }
+
+  private readonly sent = (err: Error | null): void => {
+    this.inflight--;
+    if (err) this.noteSendError(err);
+    if (this.closing) {
+      if (this.inflight === 0) this.closeSocket();
+      return;
+    }
+    if (this.wantsDrain && this.inflight <= this.sendQueue >>> 1) {
+      this.wantsDrain = false;
+      try {
+        this.handlers?.drain();
+      } catch (e) {
+        this.log.error('an endpoint drain handler threw', { error: (e as Error).message });
+      }
+    }
+  };
+
+  private deliver(handlers: DatagramHandlers, data: Buffer, from: string): void {
+    try {
+      handlers.datagram(data, from);
+    } catch (err) {
+      // A bug upstream; one datagram must not take down an endpoint every session shares.
+      this.log.error('a datagram handler threw', { from, error: (err as Error).message });
+    }
+  }
+
+  private noteSendError(err: Error): void {
+    this.sendErrors++;
+    const now = Date.now();
+    if (now - this.lastErrorLog < ERROR_LOG_INTERVAL_MS) return;
+    this.lastErrorLog = now;
+    this.log.debug('udp send failed', { address: this.localAddress, error: err.message, failures: this.sendErrors });
+  }
+
+  private closeSocket(): void {
+    if (this.socketClosed) return;
+    clearTimeout(this.graceTimer);
+    try {
+      this.socket.close();
+    } catch {
+      // Already closed: the 'close' event has run or will.
+    }
+  }
+
+  private deliverClose(): void {
+    if (this.closeDelivered || this.handlers === undefined) return;
+    this.closeDelivered = true;
+    try {
+      this.handlers.close(this.error);
+    } catch (err) {
+      this.log.error('an endpoint close handler threw', { error: (err as Error).message });
+    }
+  }
+}
+
+export default definePlugin<'transport', UdpOptions>({
+  kind: 'transport',
+  name: 'udp',
+  description: 'one record per UDP datagram; sessions roam, records may be lost or reordered (streams need tcp or ws)',
+  options: {
+    mtu: {
+      type: 'number',
+      description: 'the tunnel MTU (the TUN device\'s); datagrams carry up to mtu + 37 bytes and must fit the path MTU with their IP/UDP headers',
+      default: 1420,
+      validate: (v) => (Number.isInteger(v) && (v as number) >= 576 && (v as number) <= 65000 ? undefined : 'must be an integer from 576 to 65000'),
+    },
+    recvBufferSize: {
+      type: 'number',
+      description: 'bytes of kernel receive buffer (SO_RCVBUF; the kernel caps it at net.core.rmem_max)',
+      default: 4 * 1024 * 1024,
+      validate: (v) => (Number.isInteger(v) && (v as number) > 0 ? undefined : 'must be a positive integer'),
+    },
+    sendBufferSize: {
+      type: 'number',
+      description: 'bytes of kernel send buffer (SO_SNDBUF; the kernel caps it at net.core.wmem_max)',
+      default: 4 * 1024 * 1024,
+      validate: (v) => (Number.isInteger(v) && (v as number) > 0 ? undefined : 'must be a positive integer'),
+    },
+    sendQueue: {
+      type: 'number',
+      description: 'datagrams in flight to the OS before send() drops and asks the caller to wait',
+      default: 1024,
+      validate: (v) => (Number.isInteger(v) && (v as number) >= 16 ? undefined : 'must be an integer of at least 16'),
+    },
+  },
+  create(options, ctx): DatagramTransportPlugin {
+    const mtu = options.mtu ?? 1420;
+    const maxDatagramSize = Math.min(MAX_UDP_PAYLOAD, datagramSizeFor(mtu + FRAME_HEADER));
+    const recvBufferSize = options.recvBufferSize ?? 4 * 1024 * 1024;
+    const sendBufferSize = options.sendBufferSize ?? 4 * 1024 * 1024;
+    const sendQueue = options.sendQueue ?? 1024;
+    const log = ctx.log;
+    const endpoints = new Set<UdpEndpoint>();
+
+    const closeAll = (): void => {
+      for (const e of [...endpoints]) e.close();
+    };
+    ctx.signal.addEventListener('abort', closeAll, { once: true });
+
+    const bind = async (address: string): Promise<DatagramEndpoint> => {
+      const { host, port } = parseHostPort(address, 'udp bind address');
+      const shown = formatHostPort(host, port);
+      const listenError = (why: string, cause?: unknown) =>
+        new DshieldError(ErrorCodes.LISTEN, `cannot listen on ${shown}: ${why}`, {
+          cause,
+          detail: { address: shown, code: (cause as NodeJS.ErrnoException | undefined)?.code },
+        });
+      if (ctx.signal.aborted) throw listenError('shutting down');
+      let ip = host;
+      if (isIP(host) === 0) {
+        try {
+          ip = (await dnsLookup(host)).address;
+        } catch (err) {
+          throw listenError(describeBindError(err as NodeJS.ErrnoException), err);
+        }
+      }
+      const socket = dgram.createSocket({ type: isIP(ip) === 6 ? 'udp6' : 'udp4', lookup: numericOnly });
+      await new Promise<void>((resolve, reject) => {
+        const onError = (err: NodeJS.ErrnoException) => {
+          socket.close();
+          reject(listenError(describeBindError(err), err));
+        };
+        socket.once('error', onError);
+        socket.bind({ address: ip, port, exclusive: true }, () => {
+          socket.removeListener('error', onError);
+          resolve();
+        });
+      });
+      // The kernel caps these at its *mem_max limits without failing; anything it refuses is not fatal.
+      try {
+        socket.setRecvBufferSize(recvBufferSize);
+        socket.setSendBufferSize(sendBufferSize);
+      } catch (err) {
+        log.debug('could not set the udp socket buffer sizes', { error: (err as Error).message });
+      }
+      const endpoint = new UdpEndpoint(socket, maxDatagramSize, sendQueue, log, (e) => endpoints.delete(e));
+      endpoints.add(endpoint);
+      if (ctx.signal.aborted) endpoint.close();
+      log.debug('bound', { address: endpoint.localAddress, maxDatagramSize });
+      return endpoint;
+    };
+
+    return {
+      name: 'udp',
+      type: 'datagram',
+      bind,
+      close() {
+        ctx.signal.removeEventListener('abort', closeAll);
+        closeAll();
+      },
+    };
+  },
+});
