@@ -1,148 +1,298 @@
 /**
- * `npm run bench`: proxy-mode throughput and per-request latency on loopback,
- * each beside a plain baseline measured in the same run (this machine is
- * shared and noisy: only ratios from one run mean anything).
+ * `npm run bench` (never run by CI; needs root, Linux, /dev/net/tun):
+ * dshield against WireGuard (wireguard-go), OpenVPN and shadowsocks-libev,
+ * each beside a plain-forwarding baseline, all in one run on one machine, in
+ * three network namespaces this run creates and always removes:
  *
- *   baseline   curl straight to a local HTTP server
- *   dshield    curl through the client's SOCKS5 proxy, tunnel over tcp / ws,
- *              with each cipher (real server and client processes)
+ *   client ── server ── web      (veth pairs; the web host logs every request's source)
  *
- * For each: download and upload of BENCH_MB (default 256) MiB, median of
- * BENCH_RUNS (default 3) runs, and 200 sequential 1 KiB requests; CPU seconds
- * of the dshield processes per GiB moved. Prints one table and writes
- * bench/results/proxy.json and .md. Never run by CI.
+ *   TUN mode    iperf3 TCP 1 and 4 streams both ways, UDP 1400-byte pps at < 1 % loss,
+ *               ping RTT, 200 sequential 1 KiB requests
+ *   proxy mode  curl download/upload through SOCKS5, 200 sequential 1 KiB requests
+ *   scale       idle streams (memory per stream), 1,000 active streams (p99), handshakes/s
+ *
+ * Median of DSHIELD_BENCH_RUNS (default 3) runs; DSHIELD_BENCH_QUICK=1 for a
+ * short run (see bench/settings.ts for every knob). Only ratios from the same
+ * run mean anything on a shared machine: the load average is recorded.
+ * Writes bench/results/results.{json,md,svg} (quick.* in quick mode).
  */
-import { execFile } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { startTunnel, type TunnelProcs } from '../test/helpers/tunnel.ts';
-import { startWebServer, type WebServer } from '../test/helpers/web.ts';
-import { stopAll, tempDir } from '../test/helpers/cli.ts';
+import { canRunNetns } from '../test/helpers/netns.ts';
+import { NotAvailable, dshieldProxy, dshieldTun } from './dshield.ts';
+import { ensureTools, hasTool } from './install.ts';
+import { curlDownload, curlUpload, iperfTcp, pingRtt, sequentialRequests, udpSearch } from './measure.ts';
+import * as peers from './peers.ts';
+import type { Running, SystemSpec } from './peers.ts';
+import { withCpu } from './proc.ts';
+import { computeRatios, consoleTable, evaluateTargets, finish, markdownTable, svgChart, writeResults, type Row } from './report.ts';
+import { runScale } from './scale.ts';
+import { OUT_DIR, QUICK, RUNS, SECTIONS, SETTINGS, NO_INSTALL, wanted } from './settings.ts';
+import { createBenchTopology, type BenchTopology } from './topology.ts';
 
-const MB = Number(process.env.DSHIELD_BENCH_MB ?? 256);
-const RUNS = Number(process.env.DSHIELD_BENCH_RUNS ?? 3);
-const REQUESTS = 200;
-const RESULTS = fileURLToPath(new URL('./results/', import.meta.url));
+const CIPHERS = ['chacha20-poly1305', 'aes-256-gcm'] as const;
+/** results.{json,md,svg} for a full run of every section; quick-… and -<sections> mark the others. */
+const OUT_NAME = `${QUICK ? 'quick' : 'results'}${['tun', 'proxy', 'scale'].every((s) => SECTIONS.has(s)) ? '' : `-${[...SECTIONS].join('-')}`}`;
 
-interface Row {
-  system: string;
-  cipher: string;
+const TUN_SYSTEMS: SystemSpec[] = [
+  peers.plainForwarding,
+  peers.wireguardGo,
+  peers.openvpnAes,
+  peers.openvpnChacha,
+  ...(['udp', 'tcp', 'ws'] as const).flatMap((t) => CIPHERS.map((c) => dshieldTun(t, c))),
+];
+const PROXY_SYSTEMS: SystemSpec[] = [
+  peers.plainDirect,
+  peers.microsocks,
+  peers.shadowsocksChacha,
+  peers.shadowsocksAes,
+  ...(['tcp', 'ws'] as const).flatMap((t) => CIPHERS.map((c) => dshieldProxy(t, c))),
+];
+
+interface MetricDef {
   metric: string;
+  label: string;
   unit: string;
-  runs: number[];
-  median: number;
-  ratio?: number;
-  cpuSecPerGiB?: number;
+  better: 'higher' | 'lower';
+  additive?: boolean;
+}
+const TUN_METRICS: MetricDef[] = [
+  { metric: 'tcp1-up', label: 'TCP 1 stream client→web', unit: 'Mbit/s', better: 'higher' },
+  { metric: 'tcp1-down', label: 'TCP 1 stream web→client (-R)', unit: 'Mbit/s', better: 'higher' },
+  { metric: 'tcp4-up', label: 'TCP 4 streams client→web', unit: 'Mbit/s', better: 'higher' },
+  { metric: 'tcp4-down', label: 'TCP 4 streams web→client (-R)', unit: 'Mbit/s', better: 'higher' },
+  { metric: 'udp-pps', label: 'UDP 1400 B at < 1 % loss', unit: 'kpps', better: 'higher' },
+  { metric: 'ping', label: 'ping RTT', unit: 'ms', better: 'lower', additive: true },
+  { metric: 'requests', label: `${SETTINGS.requests} × 1 KiB requests (new conn each)`, unit: 'ms/req', better: 'lower', additive: true },
+];
+const MiB = SETTINGS.proxyBytes / 1024 / 1024;
+const size = MiB >= 1024 ? `${MiB / 1024} GiB` : `${MiB} MiB`;
+const PROXY_METRICS: MetricDef[] = [
+  { metric: 'download', label: `${size} download (curl)`, unit: 'MB/s', better: 'higher' },
+  { metric: 'upload', label: `${size} upload (curl)`, unit: 'MB/s', better: 'higher' },
+  { metric: 'requests', label: `${SETTINGS.requests} × 1 KiB requests (new conn each)`, unit: 'ms/req', better: 'lower', additive: true },
+];
+
+function emptyRows(spec: SystemSpec, defs: MetricDef[], status: Row['status'], reason?: string): Row[] {
+  return defs.map((d) => ({
+    section: spec.mode,
+    id: spec.id,
+    system: spec.system,
+    mode: spec.mode === 'tun' ? 'TUN' : 'SOCKS5',
+    cipher: spec.cipher,
+    role: spec.role,
+    ...d,
+    runs: [],
+    status,
+    reason,
+  }));
 }
 
-function curlTimed(args: string[]): Promise<number> {
-  return new Promise((resolve, reject) => {
-    execFile('curl', ['-sS', '--fail', '--max-time', '600', '-o', '/dev/null', '-w', '%{time_total}', ...args], { timeout: 650_000 }, (err, out, errOut) =>
-      err ? reject(new Error(errOut || err.message)) : resolve(Number(out)),
-    );
-  });
-}
-
-/** Seconds for REQUESTS sequential small requests (one curl process, reused connection for baseline too). */
-async function requestsTimed(proxyArgs: string[], url: string): Promise<number> {
-  const urls = Array.from({ length: REQUESTS }, () => url);
-  const started = process.hrtime.bigint();
-  await new Promise<void>((resolve, reject) =>
-    execFile('curl', ['-sS', '--fail', '-o', '/dev/null', ...proxyArgs, ...urls], { timeout: 120_000 }, (err, _o, e) => (err ? reject(new Error(e || err.message)) : resolve())),
-  );
-  return Number(process.hrtime.bigint() - started) / 1e9;
-}
-
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime
-  return ticks / 100;
-}
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-
-async function measure(
-  system: string,
-  cipher: string,
-  proxyArgs: string[],
-  web: WebServer,
-  upload: string,
-  pids: number[],
-): Promise<Row[]> {
-  const bytes = MB * 1024 * 1024;
-  const down: number[] = [];
-  const up: number[] = [];
-  const cpuBefore = pids.reduce((n, p) => n + cpuSeconds(p), 0);
-  for (let i = 0; i < RUNS; i++) {
-    down.push(bytes / (await curlTimed([...proxyArgs, web.url('/download')])) / 1e6);
-    up.push(bytes / (await curlTimed([...proxyArgs, '-T', upload, web.url('/upload')])) / 1e6);
+/** Per metric: the run values and the CPU seconds / bytes of the system's processes. */
+class Collector {
+  readonly values = new Map<string, number[]>();
+  readonly cpu = new Map<string, { cpu: number; bytes: number }>();
+  readonly extra = new Map<string, unknown[]>();
+  add(metric: string, value: number, cpu?: { cpu: number; bytes: number }, extra?: unknown): void {
+    (this.values.get(metric) ?? this.values.set(metric, []).get(metric)!).push(value);
+    if (cpu) {
+      const c = this.cpu.get(metric) ?? { cpu: 0, bytes: 0 };
+      this.cpu.set(metric, { cpu: c.cpu + cpu.cpu, bytes: c.bytes + cpu.bytes });
+    }
+    if (extra !== undefined) (this.extra.get(metric) ?? this.extra.set(metric, []).get(metric)!).push(extra);
   }
-  const cpu = pids.reduce((n, p) => n + cpuSeconds(p), 0) - cpuBefore;
-  const gib = (2 * RUNS * bytes) / 1024 ** 3;
-  const req: number[] = [];
-  for (let i = 0; i < RUNS; i++) req.push(((await requestsTimed(proxyArgs, web.url('/hello'))) / REQUESTS) * 1000);
-  const cpuSecPerGiB = pids.length ? cpu / gib : undefined;
-  return [
-    { system, cipher, metric: `download ${MB} MiB`, unit: 'MB/s', runs: down, median: median(down), cpuSecPerGiB },
-    { system, cipher, metric: `upload ${MB} MiB`, unit: 'MB/s', runs: up, median: median(up), cpuSecPerGiB },
-    { system, cipher, metric: `${REQUESTS} x 1 KiB requests`, unit: 'ms/request', runs: req, median: median(req) },
-  ];
+}
+
+async function measureTun(bt: BenchTopology, sys: Running, c: Collector, marker: string): Promise<void> {
+  const S = SETTINGS;
+  for (let run = 0; run < RUNS; run++) {
+    for (const [metric, streams, reverse] of [
+      ['tcp1-up', 1, false],
+      ['tcp1-down', 1, true],
+      ['tcp4-up', 4, false],
+      ['tcp4-down', 4, true],
+    ] as const) {
+      const { value, cpu } = await withCpu(sys.pids, () => iperfTcp(bt, { streams, reverse, seconds: S.tcpSeconds }));
+      c.add(metric, value.bps / 1e6, sys.pids.length ? { cpu, bytes: value.bytes } : undefined);
+    }
+    const udp = await withCpu(sys.pids, () => udpSearch(bt, S.udpSeconds, S.udpSteps));
+    c.add('udp-pps', udp.value.pps / 1000, sys.pids.length ? { cpu: udp.cpu, bytes: udp.value.bytes } : undefined, udp.value.steps);
+    c.add('ping', await pingRtt(bt, S.pings));
+    c.add('requests', await sequentialRequests(bt, S.requests, `${marker}&run=${run}`, []));
+  }
+}
+
+async function measureProxy(bt: BenchTopology, sys: Running, c: Collector, marker: string, uploadFile: string): Promise<void> {
+  const proxy = sys.curlProxy ?? [];
+  for (let run = 0; run < RUNS; run++) {
+    const down = await withCpu(sys.pids, () => curlDownload(bt, SETTINGS.proxyBytes, `${marker}&run=${run}`, proxy));
+    c.add('download', down.value.bps / 8e6, sys.pids.length ? { cpu: down.cpu, bytes: down.value.bytes } : undefined);
+    const up = await withCpu(sys.pids, () => curlUpload(bt, uploadFile, SETTINGS.proxyBytes, `${marker}&run=${run}`, proxy));
+    c.add('upload', up.value.bps / 8e6, sys.pids.length ? { cpu: up.cpu, bytes: up.value.bytes } : undefined);
+    c.add('requests', await sequentialRequests(bt, SETTINGS.requests, `${marker}&run=${run}`, proxy));
+  }
+}
+
+async function runSystem(bt: BenchTopology, spec: SystemSpec, defs: MetricDef[], measure: (sys: Running, c: Collector, marker: string) => Promise<void>): Promise<Row[]> {
+  const missing = spec.needs.filter((t) => !hasTool(t));
+  if (missing.length) {
+    console.log(`  ${spec.id}: skipped (${missing.join(', ')} not installed)`);
+    return emptyRows(spec, defs, 'skipped', `${missing.join(', ')} not installed`);
+  }
+  const work = mkdtempSync(join(tmpdir(), 'dshield-bench-'));
+  let sys: Running | undefined;
+  const t0 = Date.now();
+  try {
+    try {
+      sys = await spec.start(bt, work);
+    } catch (err) {
+      const why = (err as Error).message.split('\n')[0]!;
+      const status = err instanceof NotAvailable ? 'not available yet' : 'failed';
+      console.log(`  ${spec.id}: ${status} — ${why}`);
+      return emptyRows(spec, defs, status, why);
+    }
+    const marker = `sys=${encodeURIComponent(spec.id)}`;
+    const c = new Collector();
+    try {
+      await measure(sys, c, marker);
+    } catch (err) {
+      const why = (err as Error).message.split('\n')[0]!;
+      console.log(`  ${spec.id}: failed while measuring — ${why}`);
+      return emptyRows(spec, defs, 'failed', why);
+    }
+    // Proof of path: every small request of this system reached the web host from the expected address.
+    const expected = spec.expectSource === 'server' ? bt.topo.addr.serverWebSide : bt.topo.addr.client;
+    const sources = [...new Set(bt.sourcesOf(marker))];
+    if (sources.length !== 1 || sources[0] !== expected) {
+      const why = `the web host saw requests from ${sources.join(', ') || 'nowhere'}, expected only ${expected}: traffic did not take the system's path`;
+      console.log(`  ${spec.id}: failed — ${why}`);
+      return emptyRows(spec, defs, 'failed', why);
+    }
+    const rows = defs.map((d): Row => {
+      const cpu = c.cpu.get(d.metric);
+      return finish({
+        ...emptyRows(spec, [d], 'ok')[0]!,
+        runs: c.values.get(d.metric) ?? [],
+        cpuSecPerGB: cpu && cpu.bytes > 0 ? cpu.cpu / (cpu.bytes / 1e9) : undefined,
+        extra: { source: expected, notes: sys!.notes, ...(c.extra.has(d.metric) ? { detail: c.extra.get(d.metric) } : {}) },
+      });
+    });
+    console.log(`  ${spec.id}: ${rows.map((r) => `${r.metric} ${r.median?.toFixed(2)}`).join(', ')} (${((Date.now() - t0) / 1000).toFixed(0)} s; web host saw ${expected})`);
+    return rows;
+  } finally {
+    await sys?.stop().catch(() => {});
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+function load(): number[] {
+  return loadavg().map((l) => Number(l.toFixed(2)));
 }
 
 async function main(): Promise<void> {
-  const tmp = tempDir('dshield-bench-');
-  const payload = randomBytes(MB * 1024 * 1024);
-  const upload = join(tmp.dir, 'upload.bin');
-  writeFileSync(upload, payload);
-  const web = await startWebServer(payload);
-  const rows: Row[] = [];
-  try {
-    console.log(`baseline: curl straight to the web server (${MB} MiB x ${RUNS})`);
-    const base = await measure('plain (no proxy)', '-', [], web, upload, []);
-    rows.push(...base);
-    for (const transport of ['tcp', 'ws']) {
-      for (const cipher of ['chacha20-poly1305', 'aes-256-gcm']) {
-        console.log(`dshield ${transport} ${cipher}`);
-        let t: TunnelProcs | undefined;
-        try {
-          t = await startTunnel({ transport, cipher, extra: { logging: [{ use: 'console', level: 'warn' }] } });
-          const measured = await measure(`dshield socks5/${transport}`, cipher, ['--socks5-hostname', t.socks], web, upload, [
-            t.server.child.pid!,
-            t.client.child.pid!,
-          ]);
-          measured.forEach((r, i) => {
-            // Throughput: higher is better (ratio = r / baseline); latency: the added time per request.
-            r.ratio = r.unit === 'MB/s' ? r.median / base[i]!.median : r.median - base[i]!.median;
-          });
-          rows.push(...measured);
-        } finally {
-          await t?.close();
-        }
-      }
+  const why = canRunNetns(['ip', 'nft', 'ping']);
+  if (why) {
+    console.log(`bench: cannot run: ${why}`);
+    process.exit(2);
+  }
+  const started = new Date();
+  const loads: Array<{ at: string; load: number[] }> = [{ at: 'start', load: load() }];
+  console.log(`dshield bench: ${QUICK ? 'QUICK' : 'full'} mode, ${RUNS} runs per measurement, sections ${[...SECTIONS].join(',')}; load average ${load().join(' ')}`);
+  const toolNeeds = ['iperf3', 'curl', 'openssl', 'taskset', ...new Set([...TUN_SYSTEMS, ...PROXY_SYSTEMS].filter((s) => wanted(s.id)).flatMap((s) => s.needs))];
+  const problems = await ensureTools(toolNeeds, NO_INSTALL);
+  for (const p of problems) console.log(`  ${p}`);
+  for (const t of ['iperf3', 'curl']) {
+    if (!hasTool(t)) {
+      console.log(`bench: cannot run without ${t}`);
+      process.exit(2);
     }
-  } finally {
-    await web.close();
-    await stopAll();
-    tmp.cleanup();
   }
 
-  const header = '| system | cipher | metric | median | min–max | vs baseline | CPU s/GiB |';
-  const lines = [header, '|---|---|---|---|---|---|---|'];
-  for (const r of rows) {
-    const vs = r.ratio === undefined ? '—' : r.unit === 'MB/s' ? `${r.ratio.toFixed(2)}×` : `+${r.ratio.toFixed(2)} ms`;
-    lines.push(
-      `| ${r.system} | ${r.cipher} | ${r.metric} | ${r.median.toFixed(1)} ${r.unit} | ${Math.min(...r.runs).toFixed(1)}–${Math.max(...r.runs).toFixed(1)} | ${vs} | ${r.cpuSecPerGiB?.toFixed(2) ?? '—'} |`,
-    );
+  const rows: Row[] = [];
+  const bt = await createBenchTopology();
+  const uploadDir = mkdtempSync(join(tmpdir(), 'dshield-bench-upload-'));
+  try {
+    console.log(`topology ${bt.topo.id}: client ${bt.topo.ns.client}, server ${bt.topo.ns.server}, web ${bt.topo.ns.web}`);
+    if (SECTIONS.has('tun')) {
+      console.log('TUN mode:');
+      for (const spec of TUN_SYSTEMS.filter((s) => wanted(s.id))) rows.push(...(await runSystem(bt, spec, TUN_METRICS, (sys, c, m) => measureTun(bt, sys, c, m))));
+      loads.push({ at: 'after tun', load: load() });
+    }
+    if (SECTIONS.has('proxy')) {
+      console.log('proxy mode:');
+      const uploadFile = join(uploadDir, 'upload.bin');
+      const fd = openSync(uploadFile, 'w');
+      const chunk = Buffer.alloc(1024 * 1024, 'u');
+      for (let i = 0; i < SETTINGS.proxyBytes / chunk.length; i++) writeSync(fd, chunk);
+      closeSync(fd);
+      for (const spec of PROXY_SYSTEMS.filter((s) => wanted(s.id))) rows.push(...(await runSystem(bt, spec, PROXY_METRICS, (sys, c, m) => measureProxy(bt, sys, c, m, uploadFile))));
+      loads.push({ at: 'after proxy', load: load() });
+    }
+    if (SECTIONS.has('scale')) {
+      console.log('scale (dshield SOCKS5 over tcp, chacha20-poly1305):');
+      rows.push(...(await runScale(bt)));
+      loads.push({ at: 'after scale', load: load() });
+    }
+  } finally {
+    bt.cleanup();
+    rmSync(uploadDir, { recursive: true, force: true });
   }
-  const table = lines.join('\n');
+
+  computeRatios(rows);
+  const targets = evaluateTargets(rows);
+  const table = consoleTable(rows);
   console.log(`\n${table}\n`);
-  mkdirSync(RESULTS, { recursive: true });
-  const meta = { date: new Date().toISOString(), node: process.version, mb: MB, runs: RUNS };
-  writeFileSync(join(RESULTS, 'proxy.json'), JSON.stringify({ ...meta, rows }, null, 2) + '\n');
-  writeFileSync(join(RESULTS, 'proxy.md'), `# Proxy-mode benchmark\n\n${JSON.stringify(meta)}\n\n${table}\n`);
-  console.log(`written to ${RESULTS}`);
+  for (const t of targets) console.log(`${t.verdict.padEnd(12)} ${t.text}: ${t.detail}`);
+
+  const meta = {
+    date: started.toISOString(),
+    durationSeconds: Math.round((Date.now() - started.getTime()) / 1000),
+    quick: QUICK,
+    runs: RUNS,
+    settings: SETTINGS,
+    node: process.version,
+    kernel: execFileSync('uname', ['-r']).toString().trim(),
+    cpu: `${cpus().length} × ${cpus()[0]?.model ?? '?'}`,
+    loadAverage: loads,
+    installProblems: problems,
+    notes: [
+      'CPU s/GB sums utime+stime of the system\'s own processes (/proc/PID/stat) over the bytes the receiver got; kernel work in softirq (forwarding, veth, TUN queues, NAT) is attributed to no process, so it is not counted for anyone, and the plain baseline shows none.',
+      'Each system is set up, measured RUNS times, and torn down before the next; the machine is shared, so compare ratios within this run.',
+      'The web host logs the source address of every request: tunnel and proxy rows are kept only if all their requests came from the server namespace (the baseline: from the client).',
+    ],
+  };
+  const svg = svgChart(`dshield bench ${meta.date.slice(0, 10)} (${QUICK ? 'quick' : 'full'}, median of ${RUNS}; whiskers min–max)`, [
+    { title: 'TUN mode: iperf3 TCP, 1 stream, client→web (Mbit/s)', unit: 'Mbit/s', rows: rows.filter((r) => r.section === 'tun' && r.metric === 'tcp1-up') },
+    { title: 'TUN mode: iperf3 TCP, 1 stream, web→client (Mbit/s)', unit: 'Mbit/s', rows: rows.filter((r) => r.section === 'tun' && r.metric === 'tcp1-down') },
+    { title: `Proxy mode: ${size} download through SOCKS5 (MB/s)`, unit: 'MB/s', rows: rows.filter((r) => r.section === 'proxy' && r.metric === 'download') },
+    { title: `Proxy mode: ${size} upload through SOCKS5 (MB/s)`, unit: 'MB/s', rows: rows.filter((r) => r.section === 'proxy' && r.metric === 'upload') },
+  ]);
+  const md = [
+    `# dshield benchmark results`,
+    '',
+    `${meta.date} · ${meta.quick ? 'quick mode' : 'full mode'} · median of ${RUNS} runs · Node ${meta.node} · kernel ${meta.kernel} · ${meta.cpu}`,
+    '',
+    `Load average (1/5/15 min): ${loads.map((l) => `${l.at} ${l.load.join(' ')}`).join('; ')}. The machine is shared: compare ratios, not absolute numbers.`,
+    '',
+    `![throughput by system](${OUT_NAME}.svg)`,
+    '',
+    markdownTable(rows),
+    '',
+    '## Targets (issue 4), from this run',
+    '',
+    ...targets.map((t) => `- **${t.verdict}** ${t.text}: ${t.detail}`),
+    '',
+    '## Notes',
+    '',
+    ...meta.notes.map((n) => `- ${n}`),
+    ...problems.map((p) => `- install: ${p}`),
+    '',
+  ].join('\n');
+  const json = JSON.stringify({ ...meta, rows, targets }, null, 2) + '\n';
+  writeResults(OUT_DIR, { [`${OUT_NAME}.json`]: json, [`${OUT_NAME}.md`]: md, [`${OUT_NAME}.svg`]: svg });
+  console.log(`\nwritten: ${join(OUT_DIR, OUT_NAME)}.json, .md, .svg (${meta.durationSeconds} s)`);
 }
 
 await main();

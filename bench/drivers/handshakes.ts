@@ -1,0 +1,60 @@
+/**
+ * Handshake driver, run in the client namespace through the core API:
+ *
+ *   node --import tsx bench/drivers/handshakes.ts CONFIG KEYS_JSON SECONDS
+ *
+ * CONFIG is a client config (transport, cipher, server, server key);
+ * KEYS_JSON a list of client private keys the server knows. One lane per key
+ * (a client's initiations must carry increasing timestamps, so each key
+ * handshakes in sequence): dial, complete the Noise handshake, drop the
+ * session, again, until SECONDS are up. Prints `RESULT {json}` with the
+ * number of completed handshakes.
+ */
+import { readFileSync } from 'node:fs';
+import { loadConfig } from '../../core/config.ts';
+import { decodeKey } from '../../core/keys.ts';
+import { createRuntime, loadCommonPlugins, staticKeyFrom } from '../../core/runtime.ts';
+import { connectSession } from '../../core/session.ts';
+
+const [configPath, keysPath, secondsText] = process.argv.slice(2);
+const config = await loadConfig({ configPath, materializeKeys: 'client' });
+const rt = await createRuntime(config, { mode: 'client' });
+const { transport, cipher, auth, hash } = await loadCommonPlugins(rt, 'client');
+if (transport.type === 'datagram') throw new Error('the handshake driver dials stream transports (tcp, ws) only');
+const serverPublicKey = decodeKey(config.client.serverPublicKey, 'client.serverPublicKey');
+const keys = (JSON.parse(readFileSync(keysPath!, 'utf8')) as string[]).map((k) => staticKeyFrom(k, 'bench key'));
+const log = rt.log.child('bench');
+
+let done = 0;
+let errors = 0;
+let firstError: string | undefined;
+const started = performance.now();
+const deadline = started + Number(secondsText) * 1000;
+await Promise.all(
+  keys.map(async (staticKey) => {
+    while (performance.now() < deadline) {
+      try {
+        const link = await transport.dial(config.client.server, rt.signal);
+        const session = await connectSession(link, {
+          cipher,
+          hash,
+          staticKey,
+          serverPublicKey,
+          psk: auth.psk(),
+          payload: {},
+          handshakeTimeoutMs: 5_000,
+          log,
+        });
+        done++;
+        session.destroy();
+      } catch (err) {
+        errors++;
+        firstError ??= (err as Error).message;
+      }
+    }
+  }),
+);
+const seconds = (performance.now() - started) / 1000;
+console.log(`RESULT ${JSON.stringify({ handshakes: done, seconds, errors, firstError, lanes: keys.length })}`);
+await rt.close();
+process.exit(0);

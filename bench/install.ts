@@ -1,0 +1,75 @@
+/**
+ * The peers come from Debian: find the tools each system needs, and install
+ * the missing packages with apt-get (root only, bounded in time), unless
+ * DSHIELD_BENCH_NO_INSTALL=1. A package Debian does not have is reported and
+ * the systems needing it are skipped.
+ */
+import { execFile } from 'node:child_process';
+import { accessSync, constants } from 'node:fs';
+import { join } from 'node:path';
+
+/** Tool -> Debian 12 package. */
+export const PACKAGE_OF: Record<string, string> = {
+  'wireguard-go': 'wireguard-go',
+  wg: 'wireguard-tools',
+  openvpn: 'openvpn',
+  'ss-server': 'shadowsocks-libev',
+  'ss-local': 'shadowsocks-libev',
+  microsocks: 'microsocks',
+  iperf3: 'iperf3',
+  curl: 'curl',
+  openssl: 'openssl',
+  nft: 'nftables',
+  ping: 'iputils-ping',
+  ip: 'iproute2',
+  taskset: 'util-linux',
+};
+
+export function hasTool(tool: string): boolean {
+  for (const dir of (process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin').split(':')) {
+    try {
+      accessSync(join(dir, tool), constants.X_OK);
+      return true;
+    } catch {
+      // keep looking
+    }
+  }
+  return false;
+}
+
+function sh(cmd: string, args: string[], timeoutMs: number): Promise<{ code: number; out: string }> {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { timeout: timeoutMs, killSignal: 'SIGKILL', maxBuffer: 32 * 1024 * 1024, env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } }, (err, stdout, stderr) =>
+      resolve({ code: err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0, out: `${stdout}${stderr}` }),
+    );
+  });
+}
+
+/**
+ * Installs what is missing of `tools`; returns a line per problem (a package
+ * Debian lacks, an install that failed) — the systems needing those tools
+ * are then skipped by the caller, which checks hasTool again.
+ */
+export async function ensureTools(tools: string[], noInstall: boolean): Promise<string[]> {
+  const missing = [...new Set(tools.filter((t) => !hasTool(t)))];
+  if (missing.length === 0) return [];
+  const packages = [...new Set(missing.map((t) => PACKAGE_OF[t] ?? t))];
+  if (noInstall) return [`missing ${missing.join(', ')} (packages ${packages.join(' ')}); DSHIELD_BENCH_NO_INSTALL=1, so not installed`];
+  if (typeof process.getuid === 'function' && process.getuid() !== 0) return [`missing ${missing.join(', ')}: run as root to install ${packages.join(' ')}`];
+  if (!hasTool('apt-get')) return [`missing ${missing.join(', ')} and no apt-get here to install ${packages.join(' ')}`];
+  const problems: string[] = [];
+  console.log(`installing from Debian: ${packages.join(' ')} (apt-get update, then install)`);
+  await sh('apt-get', ['update', '-q'], 300_000);
+  const available: string[] = [];
+  for (const pkg of packages) {
+    const policy = await sh('apt-cache', ['policy', pkg], 30_000);
+    const candidate = /Candidate:\s*(\S+)/.exec(policy.out)?.[1];
+    if (!candidate || candidate === '(none)') problems.push(`package ${pkg} does not exist in this Debian release: the systems needing it are skipped`);
+    else available.push(pkg);
+  }
+  if (available.length) {
+    const r = await sh('apt-get', ['install', '-y', '-q', '--no-install-recommends', ...available], 900_000);
+    if (r.code !== 0) problems.push(`apt-get install ${available.join(' ')} failed: ${r.out.trim().split('\n').slice(-2).join(' ')}`);
+  }
+  return problems;
+}

@@ -1,0 +1,117 @@
+/**
+ * Long-running processes inside a namespace (started through
+ * test/helpers/netns.ts spawnIn: own process group, killed by PID when the run
+ * ends in any way), with their output, a bounded wait for a line, and the
+ * CPU time and memory the kernel accounts to them.
+ *
+ * `ip netns exec` execs the command in place, so the PID we hold is the
+ * command's own: /proc/PID/stat is the system's process (all its threads).
+ */
+import { readFileSync } from 'node:fs';
+import { spawnIn, stopChild } from '../test/helpers/netns.ts';
+import type { ChildProcess } from 'node:child_process';
+
+export interface BenchProc {
+  readonly name: string;
+  readonly child: ChildProcess;
+  readonly pid: number;
+  output(): string;
+  running(): boolean;
+  /** First match of `re` in the output; rejects after `ms` or when the process exits first. */
+  waitFor(re: RegExp, ms?: number): Promise<RegExpMatchArray>;
+  /** SIGTERM, SIGKILL after graceMs; resolves once it is gone. */
+  stop(graceMs?: number): Promise<void>;
+}
+
+/** Clock ticks per second of /proc/PID/stat (USER_HZ: 100 on every Linux build in practice). */
+const HZ = 100;
+
+export function startIn(ns: string, name: string, cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; cwd?: string } = {}): BenchProc {
+  const child = spawnIn(ns, cmd, args, {
+    cwd: opts.cwd,
+    env: { ...process.env, FORCE_COLOR: '0', ...opts.env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let exited = false;
+  const listeners = new Set<() => void>();
+  const onData = (chunk: Buffer) => {
+    // Keep the start (readiness lines) and the end (errors); bulk servers log a lot.
+    out = out.length > 200_000 ? out.slice(0, 50_000) + out.slice(-100_000) + chunk.toString() : out + chunk.toString();
+    if (process.env.DSHIELD_BENCH_VERBOSE) process.stderr.write(`[${name}] ${chunk}`);
+    for (const l of listeners) l();
+  };
+  child.stdout!.on('data', onData);
+  child.stderr!.on('data', onData);
+  child.once('exit', () => {
+    exited = true;
+    for (const l of listeners) l();
+  });
+  return {
+    name,
+    child,
+    get pid() {
+      return child.pid ?? -1;
+    },
+    output: () => out,
+    running: () => !exited,
+    waitFor(re, ms = 20_000) {
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => {
+          done();
+          reject(new Error(`${name}: no ${re} within ${ms} ms; output:\n${tail(out)}`));
+        }, ms);
+        const done = () => {
+          clearTimeout(timer);
+          listeners.delete(check);
+        };
+        const check = () => {
+          const m = out.match(re);
+          if (m) {
+            done();
+            resolve(m);
+          } else if (exited) {
+            done();
+            reject(new Error(`${name} exited before printing ${re}; output:\n${tail(out)}`));
+          }
+        };
+        listeners.add(check);
+        check();
+      });
+    },
+    stop: (graceMs = 5_000) => stopChild(child, graceMs),
+  };
+}
+
+export function tail(text: string, lines = 15): string {
+  return text.trim().split('\n').slice(-lines).join('\n');
+}
+
+/** utime + stime of a process (all threads) in seconds; 0 when it is gone. */
+export function cpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / HZ;
+  } catch {
+    return 0;
+  }
+}
+
+/** Resident set size in bytes (VmRSS); 0 when it is gone. */
+export function rssBytes(pid: number): number {
+  try {
+    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) * 1024 : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/** CPU seconds the given processes spend while `fn` runs. */
+export async function withCpu<T>(pids: number[], fn: () => Promise<T>): Promise<{ value: T; cpu: number }> {
+  const before = pids.map(cpuSeconds);
+  const value = await fn();
+  const cpu = pids.reduce((sum, pid, i) => sum + Math.max(0, cpuSeconds(pid) - before[i]!), 0);
+  return { value, cpu };
+}

@@ -1,0 +1,193 @@
+/**
+ * Scale of one dshield session (SOCKS5 over tcp, chacha20-poly1305, real CLI
+ * processes), driven by bench/drivers/*.ts in the client namespace:
+ *
+ *   idle streams   N streams held open to a silent server: resident memory
+ *                  per stream of the server and the client process (RSS delta / N)
+ *   active streams 1,000 streams each doing 1 KiB echo round trips with a
+ *                  10–30 ms pause: aggregate throughput, p50/p99 latency, the
+ *                  fewest round trips any stream got (0 = starved); microsocks
+ *                  (no crypto) is measured the same way for reference
+ *   handshakes     a server pinned to CPU 0, a driver pinned to CPU 1 doing
+ *                  full Noise IK handshakes over new tcp connections: completed
+ *                  handshakes per second of the server's CPU time (what one
+ *                  core sustains), and per wall-clock second
+ */
+import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ROOT } from '../test/helpers/cli.ts';
+import { clientConfig, dshieldProxy, newKeys, serverConfig, startCliIn, type DshieldConfigOptions } from './dshield.ts';
+import { microsocks, type Running, type SystemSpec } from './peers.ts';
+import { cpuSeconds, rssBytes, startIn } from './proc.ts';
+import { finish, type Row } from './report.ts';
+import { PORTS, RUNS, SETTINGS } from './settings.ts';
+import type { BenchTopology } from './topology.ts';
+
+const TSX = import.meta.resolve('tsx');
+const STREAMS = fileURLToPath(new URL('./drivers/streams.ts', import.meta.url));
+const HANDSHAKES = fileURLToPath(new URL('./drivers/handshakes.ts', import.meta.url));
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function row(spec: { id: string; system: string; cipher: string; role: Row['role'] }, metric: string, label: string, unit: string, better: Row['better'], runs: number[], extra?: Record<string, unknown>): Row {
+  return finish({ section: 'scale', id: spec.id, system: spec.system, mode: 'SOCKS5', cipher: spec.cipher, role: spec.role, metric, label, unit, better, runs, status: 'ok', extra });
+}
+
+function failedRows(spec: SystemSpec, metrics: Array<[string, string, string, Row['better']]>, why: string, status: Row['status'] = 'failed'): Row[] {
+  return metrics.map(([metric, label, unit, better]) => ({ section: 'scale', id: spec.id, system: spec.system, mode: 'SOCKS5', cipher: spec.cipher, role: spec.role, metric, label, unit, better, runs: [], status, reason: why }));
+}
+
+function driver(bt: BenchTopology, args: string[]) {
+  return startIn(bt.topo.ns.client, 'streams-driver', process.execPath, ['--import', TSX, STREAMS, ...args], { cwd: ROOT });
+}
+
+async function withSystem<T>(bt: BenchTopology, spec: SystemSpec, fn: (sys: Running) => Promise<T>): Promise<T> {
+  const work = mkdtempSync(join(tmpdir(), 'dshield-bench-scale-'));
+  let sys: Running | undefined;
+  try {
+    sys = await spec.start(bt, work);
+    return await fn(sys);
+  } finally {
+    await sys?.stop().catch(() => {});
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+async function idleStreams(bt: BenchTopology): Promise<Row[]> {
+  const spec = dshieldProxy('tcp', 'chacha20-poly1305');
+  const n = SETTINGS.idleStreams;
+  const server: number[] = [];
+  const client: number[] = [];
+  let opened = 0;
+  for (let run = 0; run < RUNS; run++) {
+    await withSystem(bt, spec, async (sys) => {
+      const [sp, cp] = sys.pids as [number, number];
+      await sleep(1000);
+      const before = [rssBytes(sp), rssBytes(cp)];
+      const d = driver(bt, ['idle', '127.0.0.1', '1080', bt.webIp, String(PORTS.idle), String(n)]);
+      try {
+        const m = await d.waitFor(/^OPENED (.*)$/m, 180_000);
+        const r = JSON.parse(m[1]!) as { opened: number; failed: number; firstError?: string };
+        if (r.opened < n * 0.99) throw new Error(`only ${r.opened} of ${n} idle streams opened (${r.failed} failed: ${r.firstError})`);
+        opened = r.opened;
+        await sleep(3000);
+        server.push((rssBytes(sp) - before[0]!) / r.opened / 1024);
+        client.push((rssBytes(cp) - before[1]!) / r.opened / 1024);
+      } finally {
+        await d.stop();
+      }
+    });
+  }
+  console.log(`  idle: ${opened} streams, server ${server.map((v) => v.toFixed(1)).join('/')} KiB/stream, client ${client.map((v) => v.toFixed(1)).join('/')} KiB/stream`);
+  return [
+    row(spec, 'idle-server-mem', `server RSS per idle stream (${n} streams)`, 'KiB', 'lower', server, { streams: opened }),
+    row(spec, 'idle-client-mem', `client RSS per idle stream (${n} streams)`, 'KiB', 'lower', client, { streams: opened }),
+  ];
+}
+
+async function activeStreams(bt: BenchTopology, spec: SystemSpec): Promise<Row[]> {
+  const n = SETTINGS.activeStreams;
+  const tput: number[] = [];
+  const p99: number[] = [];
+  const p50: number[] = [];
+  let minPerStream = Infinity;
+  await withSystem(bt, spec, async (sys) => {
+    const [host, port] = sys.socks!.split(':') as [string, string];
+    for (let run = 0; run < RUNS; run++) {
+      const d = driver(bt, ['active', host, port, bt.webIp, String(PORTS.echo), String(n), String(SETTINGS.activeSeconds)]);
+      try {
+        const m = await d.waitFor(/^RESULT (.*)$/m, SETTINGS.activeSeconds * 1000 + 120_000);
+        const r = JSON.parse(m[1]!) as { streams: number; failed: number; firstError?: string; seconds: number; bytes: number; p50: number; p99: number; minPerStream: number };
+        if (r.streams < n) throw new Error(`only ${r.streams} of ${n} active streams opened (${r.failed} failed: ${r.firstError})`);
+        tput.push(r.bytes / r.seconds / 1e6);
+        p99.push(r.p99);
+        p50.push(r.p50);
+        minPerStream = Math.min(minPerStream, r.minPerStream);
+      } finally {
+        await d.stop();
+      }
+    }
+  });
+  console.log(`  active ${spec.id}: ${tput.map((v) => v.toFixed(1)).join('/')} MB/s, p99 ${p99.map((v) => v.toFixed(1)).join('/')} ms, fewest per stream ${minPerStream}`);
+  const extra = { streams: n, minPerStream };
+  return [
+    row(spec, 'active-throughput', `${n} active streams: 1 KiB echo throughput`, 'MB/s', 'higher', tput, extra),
+    row(spec, 'active-p50', `${n} active streams: p50 of a 1 KiB round trip`, 'ms', 'lower', p50, extra),
+    row(spec, 'active-p99', `${n} active streams: p99 of a 1 KiB round trip`, 'ms', 'lower', p99, extra),
+  ];
+}
+
+async function handshakes(bt: BenchTopology): Promise<Row[]> {
+  const spec = { id: 'dshield-handshakes/tcp/chacha20-poly1305', system: 'dshield server (tcp)', cipher: 'chacha20-poly1305', role: 'dshield' as const };
+  const work = mkdtempSync(join(tmpdir(), 'dshield-bench-hs-'));
+  const lanes = 32;
+  const o: DshieldConfigOptions = {
+    transport: 'tcp',
+    cipher: 'chacha20-poly1305',
+    serverIp: bt.topo.addr.serverClientSide,
+    webSubnet: '10.200.2.0/24',
+    webIp: bt.webIp,
+    server: newKeys(),
+    clients: Array.from({ length: lanes }, (_, i) => ({ name: `lane${i}`, keys: newKeys() })),
+    tun: false,
+    work,
+  };
+  const perCore: number[] = [];
+  const observed: number[] = [];
+  const server = startCliIn(bt.topo.ns.server, 'dshield-server(handshakes)', 'server', join(work, 'server'), serverConfig(o), '0');
+  try {
+    await server.waitFor(/listening on \S+/, 30_000);
+    const config = join(work, 'client.config.json');
+    writeFileSync(config, JSON.stringify(clientConfig(o, o.clients[0]!.keys)), { mode: 0o600 });
+    const keys = join(work, 'keys.json');
+    writeFileSync(keys, JSON.stringify(o.clients.map((c) => c.keys.privateKey)), { mode: 0o600 });
+    for (let run = 0; run < RUNS; run++) {
+      const cpu0 = cpuSeconds(server.pid);
+      const d = startIn(bt.topo.ns.client, 'handshake-driver', 'taskset', ['-c', '1', process.execPath, '--import', TSX, HANDSHAKES, config, keys, String(SETTINGS.handshakeSeconds)], { cwd: ROOT });
+      try {
+        const m = await d.waitFor(/^RESULT (.*)$/m, SETTINGS.handshakeSeconds * 1000 + 60_000);
+        const r = JSON.parse(m[1]!) as { handshakes: number; seconds: number; errors: number; firstError?: string };
+        const cpu = cpuSeconds(server.pid) - cpu0;
+        if (r.handshakes === 0) throw new Error(`no handshake completed (${r.errors} errors: ${r.firstError})`);
+        perCore.push(r.handshakes / cpu);
+        observed.push(r.handshakes / r.seconds);
+        console.log(`  handshakes run ${run + 1}: ${r.handshakes} in ${r.seconds.toFixed(1)} s, server CPU ${cpu.toFixed(2)} s, ${r.errors} errors`);
+      } finally {
+        await d.stop();
+      }
+    }
+  } finally {
+    await server.stop();
+    rmSync(work, { recursive: true, force: true });
+  }
+  return [
+    row(spec, 'handshakes-per-core', 'handshakes per server CPU-second (server pinned to 1 core)', '/s', 'higher', perCore, { lanes }),
+    row(spec, 'handshakes-observed', `handshakes per wall second (driver on the other core, ${lanes} lanes)`, '/s', 'higher', observed, { lanes }),
+  ];
+}
+
+export async function runScale(bt: BenchTopology): Promise<Row[]> {
+  const rows: Row[] = [];
+  const dsh = dshieldProxy('tcp', 'chacha20-poly1305');
+  const attempt = async (spec: SystemSpec, metrics: Array<[string, string, string, Row['better']]>, fn: () => Promise<Row[]>) => {
+    try {
+      rows.push(...(await fn()));
+    } catch (err) {
+      const why = (err as Error).message.split('\n')[0]!;
+      console.log(`  ${spec.id} ${metrics.map((m) => m[0]).join('/')}: failed — ${why}`);
+      rows.push(...failedRows(spec, metrics, why));
+    }
+  };
+  await attempt(dsh, [['idle-server-mem', 'server RSS per idle stream', 'KiB', 'lower'], ['idle-client-mem', 'client RSS per idle stream', 'KiB', 'lower']], () => idleStreams(bt));
+  const activeMetrics: Array<[string, string, string, Row['better']]> = [
+    ['active-throughput', 'active streams: throughput', 'MB/s', 'higher'],
+    ['active-p50', 'active streams: p50', 'ms', 'lower'],
+    ['active-p99', 'active streams: p99', 'ms', 'lower'],
+  ];
+  await attempt(microsocks, activeMetrics, () => activeStreams(bt, microsocks));
+  await attempt(dsh, activeMetrics, () => activeStreams(bt, dsh));
+  const hsSpec = { ...dsh, id: 'dshield-handshakes/tcp/chacha20-poly1305', system: 'dshield server (tcp)' };
+  await attempt(hsSpec, [['handshakes-per-core', 'handshakes per server CPU-second', '/s', 'higher'], ['handshakes-observed', 'handshakes per wall second', '/s', 'higher']], () => handshakes(bt));
+  return rows;
+}
