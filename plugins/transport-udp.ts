@@ -29,6 +29,7 @@ import { isIP } from 'node:net';
 import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, parseHostPort } from '../core/hostport.ts';
+import { describeListenError } from '../core/net-errors.ts';
 import { FRAME_HEADER } from '../core/mux.ts';
 import { datagramSizeFor } from '../core/session-datagram.ts';
 import type { DatagramEndpoint, DatagramHandlers, DatagramTransportPlugin, Logger } from '../core/types.ts';
@@ -69,22 +70,6 @@ function numericOnly(address: string, _family: unknown, callback: (err: NodeJS.E
     return;
   }
   callback(null, address, kind);
-}
-
-function describeBindError(err: NodeJS.ErrnoException): string {
-  switch (err.code) {
-    case 'EADDRINUSE':
-      return 'address already in use';
-    case 'EACCES':
-      return 'permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)';
-    case 'EADDRNOTAVAIL':
-      return 'address not available (no interface on this machine has it)';
-    case 'ENOTFOUND':
-    case 'EAI_AGAIN':
-      return 'cannot resolve the host name';
-    default:
-      return err.message;
-  }
 }
 
 /** "ip:port" / "[ipv6]:port" as DatagramHandlers.datagram reports them; RangeError otherwise. */
@@ -334,14 +319,14 @@ export default definePlugin<'transport', UdpOptions>({
         try {
           ip = (await dnsLookup(host)).address;
         } catch (err) {
-          throw listenError(describeBindError(err as NodeJS.ErrnoException), err);
+          throw listenError(describeListenError(err as NodeJS.ErrnoException), err);
         }
       }
       const socket = dgram.createSocket({ type: isIP(ip) === 6 ? 'udp6' : 'udp4', lookup: numericOnly });
       await new Promise<void>((resolve, reject) => {
         const onError = (err: NodeJS.ErrnoException) => {
           socket.close();
-          reject(listenError(describeBindError(err), err));
+          reject(listenError(describeListenError(err), err));
         };
         socket.once('error', onError);
         socket.bind({ address: ip, port, exclusive: true }, () => {

@@ -1,0 +1,70 @@
+/**
+ * An AEAD from node:crypto shaped as a CipherPlugin: the part the cipher
+ * plugins share. Synchronous (the data path never awaits a record); one nonce
+ * buffer per instance, rewritten per call (createCipheriv copies it).
+ */
+import { createCipheriv, createDecipheriv, type CipherGCMTypes } from 'node:crypto';
+import type { CipherPlugin } from './types.ts';
+
+const KEY_LENGTH = 32;
+const TAG_LENGTH = 16;
+const TWO_POW_32 = 0x1_0000_0000;
+
+export interface NodeAeadSpec {
+  /** The plugin's name, e.g. 'aes-256-gcm'. */
+  name: string;
+  /** Noise's name for it: 'AESGCM' or 'ChaChaPoly'. */
+  noiseName: string;
+  /** node:crypto's algorithm. */
+  algorithm: CipherGCMTypes | 'chacha20-poly1305';
+  /** Noise puts the 64-bit counter after 4 zero bytes: big-endian for AESGCM, little-endian for ChaChaPoly. */
+  counterByteOrder: 'BE' | 'LE';
+}
+
+export function nodeAead(spec: NodeAeadSpec): CipherPlugin {
+  const nonce = Buffer.alloc(12);
+  const setNonce =
+    spec.counterByteOrder === 'BE'
+      ? (counter: number): void => {
+          nonce.writeUInt32BE(Math.floor(counter / TWO_POW_32), 4);
+          nonce.writeUInt32BE(counter >>> 0, 8);
+        }
+      : (counter: number): void => {
+          nonce.writeUInt32LE(counter >>> 0, 4);
+          nonce.writeUInt32LE(Math.floor(counter / TWO_POW_32), 8);
+        };
+  const validCounter = (counter: number): boolean => Number.isSafeInteger(counter) && counter >= 0;
+  const options = { authTagLength: TAG_LENGTH };
+
+  return {
+    name: spec.name,
+    noiseName: spec.noiseName,
+    encrypt(key, counter, ad, plaintext) {
+      if (!validCounter(counter)) throw new RangeError('counter must be an integer in [0, 2^53)');
+      setNonce(counter);
+      const c = createCipheriv(spec.algorithm as 'chacha20-poly1305', key, nonce, options);
+      if (ad.length > 0) c.setAAD(ad, { plaintextLength: plaintext.length });
+      const body = c.update(plaintext);
+      c.final();
+      const out = Buffer.allocUnsafe(body.length + TAG_LENGTH);
+      body.copy(out, 0);
+      c.getAuthTag().copy(out, body.length);
+      return out;
+    },
+    decrypt(key, counter, ad, ciphertext) {
+      if (ciphertext.length < TAG_LENGTH || key.length !== KEY_LENGTH || !validCounter(counter)) return null;
+      try {
+        setNonce(counter);
+        const bodyLength = ciphertext.length - TAG_LENGTH;
+        const d = createDecipheriv(spec.algorithm as 'chacha20-poly1305', key, nonce, options);
+        d.setAuthTag(ciphertext.subarray(bodyLength));
+        if (ad.length > 0) d.setAAD(ad, { plaintextLength: bodyLength });
+        const plaintext = d.update(ciphertext.subarray(0, bodyLength));
+        d.final(); // throws when the tag does not match
+        return plaintext;
+      } catch {
+        return null;
+      }
+    },
+  };
+}
