@@ -80,7 +80,8 @@ test('readKeyRef: inline, a file relative to baseDir, a missing file, a file wit
     const garbage = keyError(() => readKeyRef('garbage.key', tmp.dir, 'server.privateKey'));
     assert.match(garbage.message, /^server\.privateKey \(garbage\.key\): not a key/);
 
-    const truncated = keyError(() => readKeyRef(encodeKey(privateKey).slice(0, 43), tmp.dir, 'client.privateKey'));
+    // Fixed, not random: a truncated key that happened to start with "/" would read as an absolute path.
+    const truncated = keyError(() => readKeyRef(encodeKey(Buffer.alloc(32, 7)).slice(0, 43), tmp.dir, 'client.privateKey'));
     assert.match(truncated.message, /^client\.privateKey: not a key/);
   } finally {
     tmp.cleanup();
