@@ -9,6 +9,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { spawnIn, stopChild } from '../test/helpers/netns.ts';
+import { ProcessOutput } from '../test/helpers/output.ts';
 import type { ChildProcess } from 'node:child_process';
 
 export interface BenchProc {
@@ -32,20 +33,20 @@ export function startIn(ns: string, name: string, cmd: string, args: string[], o
     env: { ...process.env, FORCE_COLOR: '0', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  let out = '';
   let exited = false;
-  const listeners = new Set<() => void>();
+  // Keep the start (readiness lines) and the end (errors); bulk servers log a lot.
+  const out = new ProcessOutput(name, (text, chunk) =>
+    text.length > 200_000 ? text.slice(0, 50_000) + text.slice(-100_000) + chunk : text + chunk,
+  );
   const onData = (chunk: Buffer) => {
-    // Keep the start (readiness lines) and the end (errors); bulk servers log a lot.
-    out = out.length > 200_000 ? out.slice(0, 50_000) + out.slice(-100_000) + chunk.toString() : out + chunk.toString();
     if (process.env.DSHIELD_BENCH_VERBOSE) process.stderr.write(`[${name}] ${chunk}`);
-    for (const l of listeners) l();
+    out.append(chunk.toString());
   };
   child.stdout!.on('data', onData);
   child.stderr!.on('data', onData);
-  child.once('exit', () => {
+  child.once('exit', (code, signal) => {
     exited = true;
-    for (const l of listeners) l();
+    out.ended(signal ?? String(code));
   });
   return {
     name,
@@ -53,32 +54,9 @@ export function startIn(ns: string, name: string, cmd: string, args: string[], o
     get pid() {
       return child.pid ?? -1;
     },
-    output: () => out,
+    output: () => out.text,
     running: () => !exited,
-    waitFor(re, ms = 20_000) {
-      return new Promise((resolve, reject) => {
-        const timer = setTimeout(() => {
-          done();
-          reject(new Error(`${name}: no ${re} within ${ms} ms; output:\n${tail(out)}`));
-        }, ms);
-        const done = () => {
-          clearTimeout(timer);
-          listeners.delete(check);
-        };
-        const check = () => {
-          const m = out.match(re);
-          if (m) {
-            done();
-            resolve(m);
-          } else if (exited) {
-            done();
-            reject(new Error(`${name} exited before printing ${re}; output:\n${tail(out)}`));
-          }
-        };
-        listeners.add(check);
-        check();
-      });
-    },
+    waitFor: (re, ms) => out.waitFor(re, ms, tail),
     stop: (graceMs = 5_000) => stopChild(child, graceMs),
   };
 }

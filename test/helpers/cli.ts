@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { ProcessOutput } from './output.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const CLI = join(ROOT, 'bin', 'dshield.ts');
@@ -34,12 +35,10 @@ export function startCli(args: string[], opts: { cwd?: string; env?: NodeJS.Proc
     env: { ...process.env, FORCE_COLOR: '0', ...opts.env },
     stdio: ['pipe', 'pipe', 'pipe'],
   });
-  let out = '';
-  const listeners = new Set<() => void>();
+  const out = new ProcessOutput(`dshield ${args.join(' ')}`);
   const onData = (chunk: Buffer) => {
-    out += chunk.toString();
     if (process.env.DSHIELD_TEST_VERBOSE) process.stderr.write(chunk);
-    for (const l of listeners) l();
+    out.append(chunk.toString());
   };
   child.stdout!.on('data', onData);
   child.stderr!.on('data', onData);
@@ -48,43 +47,20 @@ export function startCli(args: string[], opts: { cwd?: string; env?: NodeJS.Proc
     child.on('exit', (code, signal) => {
       exitCode = code ?? (signal ? 128 : null);
       running.delete(proc);
-      for (const l of listeners) l();
+      out.ended(String(exitCode));
       resolve(exitCode);
     });
   });
 
   const proc: Proc = {
     child,
-    output: () => out,
-    waitFor(re, ms = 20_000) {
-      return new Promise((resolve, reject) => {
-        const check = () => {
-          const m = out.match(re);
-          if (m) {
-            done();
-            resolve(m);
-          } else if (exitCode !== undefined) {
-            done();
-            reject(new Error(`process exited (${exitCode}) before printing ${re}; output:\n${out}`));
-          }
-        };
-        const timer = setTimeout(() => {
-          done();
-          reject(new Error(`timed out after ${ms} ms waiting for ${re}; output:\n${out}`));
-        }, ms);
-        const done = () => {
-          clearTimeout(timer);
-          listeners.delete(check);
-        };
-        listeners.add(check);
-        check();
-      });
-    },
+    output: () => out.text,
+    waitFor: (re, ms) => out.waitFor(re, ms),
     exited(ms = 20_000) {
       return Promise.race([
         exitPromise,
         new Promise<number | null>((_, reject) =>
-          setTimeout(() => reject(new Error(`process did not exit within ${ms} ms; output:\n${out}`)), ms).unref(),
+          setTimeout(() => reject(new Error(`process did not exit within ${ms} ms; output:\n${out.text}`)), ms).unref(),
         ),
       ]);
     },

@@ -23,6 +23,7 @@ import { generateKeyPair } from '../../core/x25519.ts';
 import { CLI, ROOT, writeConfig } from './cli.ts';
 import { exec, spawnIn, stopChild } from './netns.ts';
 import { withTimeout } from './timeout.ts';
+import { ProcessOutput } from './output.ts';
 
 /** Tools the TUN end-to-end tests run (besides node). */
 export const TUN_E2E_TOOLS = ['ip', 'nft', 'ping', 'iperf3', 'curl', 'dig'];
@@ -82,20 +83,18 @@ export function startInNs(ns: string, cmd: string, args: string[], opts: { env?:
     env: { ...process.env, FORCE_COLOR: '0', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  let out = '';
-  const listeners = new Set<() => void>();
+  const out = new ProcessOutput(`${cmd} in ${ns}`);
   let exitCode: number | null | undefined;
   const exitPromise = new Promise<number | null>((resolve) => {
     child.once('exit', (code, signal) => {
       exitCode = code ?? (signal ? 128 + signalNumber(signal) : null);
-      for (const l of listeners) l();
+      out.ended(String(exitCode));
       resolve(exitCode);
     });
   });
   const onData = (chunk: Buffer) => {
-    out += chunk.toString();
     if (process.env.DSHIELD_TEST_VERBOSE) process.stderr.write(`[${ns.split('-').pop()} ${cmd.split('/').pop()}] ${chunk}`);
-    for (const l of listeners) l();
+    out.append(chunk.toString());
   };
   child.stdout!.on('data', onData);
   child.stderr!.on('data', onData);
@@ -105,34 +104,11 @@ export function startInNs(ns: string, cmd: string, args: string[], opts: { env?:
     get pid() {
       return child.pid ?? -1;
     },
-    output: () => out,
+    output: () => out.text,
     running: () => exitCode === undefined,
-    waitFor(re, ms = 20_000) {
-      return new Promise((resolve, reject) => {
-        const timer = setTimeout(() => {
-          done();
-          reject(new Error(`timed out after ${ms} ms waiting for ${re} from ${cmd} in ${ns}; output:\n${out}`));
-        }, ms);
-        const done = () => {
-          clearTimeout(timer);
-          listeners.delete(check);
-        };
-        const check = () => {
-          const m = out.match(re);
-          if (m) {
-            done();
-            resolve(m);
-          } else if (exitCode !== undefined) {
-            done();
-            reject(new Error(`${cmd} in ${ns} exited (${exitCode}) before printing ${re}; output:\n${out}`));
-          }
-        };
-        listeners.add(check);
-        check();
-      });
-    },
+    waitFor: (re, ms) => out.waitFor(re, ms),
     exited(ms = 20_000) {
-      return withTimeout(exitPromise, ms, `${cmd} in ${ns} to exit; output:\n${out}`);
+      return withTimeout(exitPromise, ms, `${cmd} in ${ns} to exit; output:\n${out.text}`);
     },
     async stop(graceMs = 10_000) {
       if (exitCode === undefined) await withTimeout(stopChild(child, graceMs), graceMs + 5_000, `${cmd} in ${ns} to stop`);
