@@ -21,7 +21,7 @@
 import { connectSession, type ClientHandshakeOptions, type Session } from './session.ts';
 import { connectDatagramSession } from './session-datagram.ts';
 import { bindForServer } from './datagram-dial.ts';
-import { Mux, STREAM_WINDOW } from './mux.ts';
+import { Mux, sendThrough, STREAM_WINDOW } from './mux.ts';
 import { decodeKey } from './keys.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from './errors.ts';
 import { parseHostPort } from './hostport.ts';
@@ -209,7 +209,7 @@ class Connection {
     }
     const mux = new Mux({
       side: 'client',
-      send: (payload) => session.send(payload),
+      ...sendThrough(session),
       maxPayload: session.maxPayload,
       initialWindow: STREAM_WINDOW,
       lossy: session.lossy === true,

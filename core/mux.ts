@@ -81,6 +81,21 @@ import type { Logger, Target, TunnelUdp } from './types.ts';
 // ---------------------------------------------------------------------------
 // Public API
 
+/** What a mux needs of the session it sends through (core/session.ts Session). */
+export interface PayloadSink {
+  send(payload: Buffer): boolean;
+  payloadBuffer?(): Buffer;
+  sendInPlace?(payload: Buffer): boolean;
+}
+
+/** MuxOptions.send and .payloadBuffer for a session: sealing in place (no copies) when it can. */
+export function sendThrough(sink: PayloadSink): Pick<MuxOptions, 'send' | 'payloadBuffer'> {
+  if (sink.sendInPlace !== undefined && sink.payloadBuffer !== undefined) {
+    return { send: (payload) => sink.sendInPlace!(payload), payloadBuffer: () => sink.payloadBuffer!() };
+  }
+  return { send: (payload) => sink.send(payload) };
+}
+
 export interface MuxOptions {
   side: 'client' | 'server';
   /**
@@ -89,6 +104,13 @@ export interface MuxOptions {
    * The mux never writes into a payload after passing it: the session may keep it.
    */
   send(payload: Buffer): boolean;
+  /**
+   * Memory to assemble the next payload in (at least maxPayload bytes), for
+   * a session that seals in place (Session.payloadBuffer). When given, every
+   * payload passed to `send` is a prefix of the buffer it last returned. By
+   * default payloads are cut from a slab shared by the process's muxes.
+   */
+  payloadBuffer?(): Buffer;
   /** The largest payload `send` takes (e.g. 65518). At least 512. */
   maxPayload: number;
   log: Logger;
@@ -754,7 +776,11 @@ export class Mux {
   // -------------------------------------------------------------------------
   // Receiving
 
-  /** A decrypted payload from the session. Never throws; the buffer is not kept. */
+  /**
+   * A decrypted payload from the session. Never throws. The buffer becomes
+   * the mux's: stream data may be handed to readers as views of it, so the
+   * caller must not write into it afterwards.
+   */
   receive(payload: Buffer): void {
     if (this.closed) return;
     this._lastActivity = Date.now();
@@ -839,9 +865,7 @@ export class Mux {
     s.recvCredit -= len;
     s.bytesIn += len;
     this._bytesIn += len;
-    const chunk = Buffer.allocUnsafe(len);
-    p.copy(chunk, 0, body, body + len);
-    s.push(chunk); // may run the consumer's 'data' handler synchronously
+    s.push(dataChunk(p, body, len)); // may run the consumer's 'data' handler synchronously
     this.grantCredit(s);
     return undefined;
   }
@@ -1382,13 +1406,14 @@ export class Mux {
     if (this.ctlStreams.size + this.ctlFrames.size + this.replies.size + this.dgrams.size + this.packets.size + this.ready.size === 0) {
       return null;
     }
-    const start = slabReserve(this.maxPayload);
-    const slab = (this.slab = sharedSlab);
+    const own = this.opts.payloadBuffer?.();
+    const start = own ? 0 : slabReserve(this.maxPayload);
+    const slab = (this.slab = own ?? sharedSlab);
     this.pos = start;
     this.limit = start + this.maxPayload;
     if (this.writeControl() && this.writeDatagrams() && this.writePackets()) this.writeData();
     const end = this.pos;
-    slabCommit(end);
+    if (!own) slabCommit(end);
     this.slab = EMPTY;
     return end > start ? slab.subarray(start, end) : null;
   }
@@ -1592,6 +1617,23 @@ export class Mux {
  * runs no foreign code, so muxes never interleave in the slab.
  */
 const SLAB_SIZE = 1024 * 1024;
+
+/**
+ * Stream data for a reader: a view of the payload when the data is most of
+ * the memory behind it, else a copy. A view keeps all that memory alive while
+ * the reader holds the chunk, so small frames are copied: a peer packing one
+ * tiny DATA frame into each large record must not pin 64 KiB per byte of
+ * window. Views pin at most VIEW_MAX_WASTE times the data they hold.
+ */
+const VIEW_MIN_BYTES = 4096;
+const VIEW_MAX_WASTE = 4;
+
+function dataChunk(p: Buffer, body: number, len: number): Buffer {
+  if (len >= VIEW_MIN_BYTES && len * VIEW_MAX_WASTE >= p.buffer.byteLength) return p.subarray(body, body + len);
+  const chunk = Buffer.allocUnsafe(len);
+  p.copy(chunk, 0, body, body + len);
+  return chunk;
+}
 const EMPTY = Buffer.alloc(0);
 let sharedSlab: Buffer = EMPTY;
 let slabUsed = 0;

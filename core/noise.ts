@@ -77,22 +77,28 @@ export class CipherState {
     return this.key !== null;
   }
 
-  /** Throws NoiseError when the counter is exhausted (the session must rekey or close first). */
-  encryptWithAd(ad: Uint8Array, plaintext: Uint8Array): Buffer {
+  /**
+   * Throws NoiseError when the counter is exhausted (the session must rekey or close first).
+   * `out`: where the caller would like the result (see CipherPlugin.encrypt); use what is returned.
+   */
+  encryptWithAd(ad: Uint8Array, plaintext: Uint8Array, out?: Buffer): Buffer {
     if (this.key === null) return Buffer.from(plaintext);
     if (this.counter >= MAX_COUNTER) throw new NoiseError('record counter exhausted');
-    const out = this.cipher.encrypt(this.key, this.counter, ad, plaintext);
+    const sealed = this.cipher.encrypt(this.key, this.counter, ad, plaintext, out);
     this.counter++;
-    return out;
+    return sealed;
   }
 
-  /** Returns null when authentication fails (or the counter is exhausted); the counter then stays. */
-  decryptWithAd(ad: Uint8Array, ciphertext: Uint8Array): Buffer | null {
+  /**
+   * Returns null when authentication fails (or the counter is exhausted); the counter then stays.
+   * `out` as in CipherPlugin.decrypt: after a failure its bytes are undefined.
+   */
+  decryptWithAd(ad: Uint8Array, ciphertext: Uint8Array, out?: Buffer): Buffer | null {
     if (this.key === null) return Buffer.from(ciphertext);
     if (this.counter >= MAX_COUNTER) return null;
-    const out = this.cipher.decrypt(this.key, this.counter, ad, ciphertext);
-    if (out !== null) this.counter++;
-    return out;
+    const plaintext = this.cipher.decrypt(this.key, this.counter, ad, ciphertext, out);
+    if (plaintext !== null) this.counter++;
+    return plaintext;
   }
 
   /**
@@ -101,21 +107,26 @@ export class CipherState {
    * alone: the caller owns the nonce sequence and must never repeat one.
    * Throws NoiseError without a key or for a counter outside [0, MAX_COUNTER).
    */
-  encryptAt(nonce: number, ad: Uint8Array, plaintext: Uint8Array): Buffer {
+  encryptAt(nonce: number, ad: Uint8Array, plaintext: Uint8Array, out?: Buffer): Buffer {
     if (this.key === null) throw new NoiseError('no key to encrypt with');
     if (!(nonce >= 0 && nonce < MAX_COUNTER)) throw new NoiseError('record counter exhausted');
-    return this.cipher.encrypt(this.key, nonce, ad, plaintext);
+    return this.cipher.encrypt(this.key, nonce, ad, plaintext, out);
   }
 
   /** Explicit-nonce decryption (see encryptAt). Null when authentication fails; `counter` is untouched. */
-  decryptAt(nonce: number, ad: Uint8Array, ciphertext: Uint8Array): Buffer | null {
+  decryptAt(nonce: number, ad: Uint8Array, ciphertext: Uint8Array, out?: Buffer): Buffer | null {
     if (this.key === null || !(nonce >= 0 && nonce < MAX_COUNTER)) return null;
-    return this.cipher.decrypt(this.key, nonce, ad, ciphertext);
+    return this.cipher.decrypt(this.key, nonce, ad, ciphertext, out);
   }
 }
 
 // ---------------------------------------------------------------------------
 // SymmetricState
+
+export interface SymmetricSnapshot {
+  readonly chainingKey: Buffer;
+  readonly hashValue: Buffer;
+}
 
 export class SymmetricState {
   private chainingKey: Buffer;
@@ -123,13 +134,21 @@ export class SymmetricState {
   private cipherState: CipherState;
   private readonly nodeHash: string;
 
+  /** `from`: continue from a snapshot() instead of starting from the protocol name. */
   constructor(
     private readonly cipher: CipherPlugin,
     hash: HashName,
     name: string,
+    from?: SymmetricSnapshot,
   ) {
     const { name: nodeHash, length: hashLength } = NODE_HASH[hash];
     this.nodeHash = nodeHash;
+    this.cipherState = new CipherState(cipher);
+    if (from !== undefined) {
+      this.chainingKey = from.chainingKey;
+      this.hashValue = from.hashValue;
+      return;
+    }
     const nameBytes = Buffer.from(name, 'ascii');
     if (nameBytes.length <= hashLength) {
       // A short name is used as h directly, zero-padded (e.g. Noise_IK_25519_AESGCM_SHA256 is 28 bytes).

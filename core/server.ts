@@ -12,7 +12,7 @@
  */
 import { acceptSession, ReplayGuard, type Session } from './session.ts';
 import { acceptDatagramSessions } from './session-datagram.ts';
-import { Mux, STREAM_WINDOW } from './mux.ts';
+import { Mux, sendThrough, STREAM_WINDOW } from './mux.ts';
 import { splice } from './splice.ts';
 import { loadCommonPlugins, staticKeyFrom, type Runtime } from './runtime.ts';
 import { readClientsFile } from './config.ts';
@@ -78,7 +78,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
     const packets = tun && session.params.tun === true ? tun.attach(tun.lease(peer.name).lease, () => mux) : undefined;
     const mux: Mux = new Mux({
       side: 'server',
-      send: (payload) => session.send(payload),
+      ...sendThrough(session),
       maxPayload: session.maxPayload,
       initialWindow: STREAM_WINDOW,
       lossy: session.lossy === true,

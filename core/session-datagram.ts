@@ -278,8 +278,6 @@ class DatagramSession implements Session {
   private readonly tick: NodeJS.Timeout;
   private lastSentAt = Date.now();
   private lastDataReceivedAt = 0;
-  /** Plaintext assembly (type || body), reused: encryption copies it. */
-  private scratch: Buffer = Buffer.alloc(0);
 
   constructor(init: DatagramSessionInit) {
     this.init = init;
@@ -361,7 +359,8 @@ class DatagramSession implements Session {
     if (!keypair.window.check(counter, MAX_COUNTER)) return;
     const now = Date.now();
     if (now - keypair.bornAt >= this.init.rejectAfterMs) return;
-    const plaintext = keypair.receive.decryptAt(counter, data.subarray(0, DATA_HEADER), data.subarray(DATA_HEADER));
+    // In place: the datagram is ours, and no other key will be tried on it.
+    const plaintext = keypair.receive.decryptAt(counter, data.subarray(0, DATA_HEADER), data.subarray(DATA_HEADER), data.subarray(DATA_HEADER, data.length - TAG_LENGTH));
     if (plaintext === null) return;
     keypair.window.accept(counter, MAX_COUNTER);
     this.bytesIn += data.length;
@@ -443,25 +442,26 @@ class DatagramSession implements Session {
     kp.sendCounter = counter + 1;
     const bodyLength = body === null ? 0 : body.length;
     const plainLength = type === null ? 0 : 1 + bodyLength;
-    if (this.scratch.length < plainLength) this.scratch = Buffer.allocUnsafe(Math.max(plainLength, this.maxPayload + 1));
-    const plaintext = this.scratch.subarray(0, plainLength);
-    if (type !== null) {
-      plaintext[0] = type;
-      if (body !== null) plaintext.set(body, 1);
-    }
+    // The datagram is assembled once and sealed in place after its header.
     const out = Buffer.allocUnsafe(DATA_HEADER + plainLength + TAG_LENGTH);
     out[0] = MSG_DATA;
     out.writeUInt32LE(kp.remoteIndex, 1);
     out.writeUInt32LE(counter >>> 0, 5);
     out.writeUInt32LE(Math.floor(counter / 0x1_0000_0000), 9);
+    const plaintext = out.subarray(DATA_HEADER, DATA_HEADER + plainLength);
+    if (type !== null) {
+      plaintext[0] = type;
+      if (body !== null) plaintext.set(body, 1);
+    }
+    const sealedAt = out.subarray(DATA_HEADER);
     let sealed: Buffer;
     try {
-      sealed = kp.send.encryptAt(counter, out.subarray(0, DATA_HEADER), plaintext);
+      sealed = kp.send.encryptAt(counter, out.subarray(0, DATA_HEADER), plaintext, sealedAt);
     } catch (err) {
       this.end(protocolError('the cipher failed to encrypt a record', err));
       return false;
     }
-    sealed.copy(out, DATA_HEADER);
+    if (sealed !== sealedAt) sealed.copy(out, DATA_HEADER);
     this.bytesOut += out.length;
     this.lastSentAt = Date.now();
     return this.endpoint.send(out, this.peerAddress);

@@ -77,6 +77,18 @@ export interface Session {
   send(payload: Buffer): boolean;
   /** Several records in one link write. */
   sendBatch?(payloads: Buffer[]): boolean;
+  /**
+   * Memory for the next payload to sendInPlace: maxPayload bytes with room
+   * around them for the record's type, tag and the link's framing. Valid
+   * until the next sendInPlace; asking again without sending returns the same.
+   * Absent together with sendInPlace.
+   */
+  payloadBuffer?(): Buffer;
+  /**
+   * Like send, without copying: `payload` must be a prefix of the latest
+   * payloadBuffer(); the record is sealed over that memory in place.
+   */
+  sendInPlace?(payload: Buffer): boolean;
   /** Record bytes on the wire (handshake included, transport framing excluded). */
   readonly bytesIn: number;
   readonly bytesOut: number;
@@ -127,6 +139,16 @@ export interface ServerAcceptOptions {
 
 const TAG_LENGTH = 16;
 const EMPTY = Buffer.alloc(0);
+
+/**
+ * The memory payloadBuffer() hands out, shared by every stream session of the
+ * process (assembly and sealing are synchronous, so they never interleave).
+ * A record the link writes to the kernel at once leaves it free for the next
+ * payload; one the link has to queue keeps it, and the next payload gets new
+ * memory. Reusing it matters: writing into freshly allocated memory costs
+ * page faults, measured at ~10x the copy itself (0.4 s against 0.04 s per GiB).
+ */
+let spareRecord: Buffer | null = null;
 
 const DATA = 0;
 const REKEY_INIT = 1;
@@ -257,6 +279,39 @@ class SecureSession implements Session {
     return more;
   }
 
+  payloadBuffer(): Buffer {
+    const before = 1 + (this.link.headroom ?? 0);
+    const size = before + this.maxPayload + TAG_LENGTH;
+    if (spareRecord === null || spareRecord.length < size) spareRecord = Buffer.allocUnsafe(size);
+    return spareRecord.subarray(before, before + this.maxPayload);
+  }
+
+  sendInPlace(payload: Buffer): boolean {
+    const memory = payload.buffer;
+    // Unless the link takes the record at once, it keeps the memory: the next payload needs new.
+    let reusable = false;
+    try {
+      if (this.state !== 'open') return false;
+      if (payload.length > this.maxPayload) {
+        throw new RangeError(`session payload of ${payload.length} bytes exceeds maxPayload ${this.maxPayload}`);
+      }
+      const start = payload.byteOffset - 1;
+      const plaintext = Buffer.from(memory, start, payload.length + 1);
+      plaintext[0] = DATA;
+      const record = this.sealed(plaintext, Buffer.from(memory, start, payload.length + 1 + TAG_LENGTH));
+      if (record === null) return false;
+      this.bytesOut += record.length;
+      // A cipher may answer with a fresh buffer instead of sealing in place: that one has no room for framing.
+      const link = this.link;
+      const more = record.buffer === memory && record.byteOffset === start && link.sendInPlace !== undefined ? link.sendInPlace(record) : link.send(record);
+      reusable = link.sendInPlace !== undefined && link.bufferedAmount === 0;
+      this.rekeyIfWornOut();
+      return more;
+    } finally {
+      if (!reusable && spareRecord !== null && spareRecord.buffer === memory) spareRecord = null;
+    }
+  }
+
   sendBatch(payloads: Buffer[]): boolean {
     if (this.state !== 'open') return false;
     const records: Buffer[] = new Array(payloads.length);
@@ -303,7 +358,9 @@ class SecureSession implements Session {
     // After close() or destroy() nothing more is read or delivered.
     if (this.state !== 'open') return;
     this.bytesIn += record.length;
-    let plaintext = this.receiveKey.decryptWithAd(EMPTY, record);
+    // In place when there is no second key to try: a failed in-place attempt may wipe the record.
+    const out = this.nextReceive === null ? record.subarray(0, record.length - TAG_LENGTH) : undefined;
+    let plaintext = record.length >= TAG_LENGTH ? this.receiveKey.decryptWithAd(EMPTY, record, out) : null;
     if (plaintext === null && this.nextReceive !== null) {
       plaintext = this.nextReceive.key.decryptWithAd(EMPTY, record);
       if (plaintext !== null) this.confirmNextReceive();
@@ -394,8 +451,13 @@ class SecureSession implements Session {
     const plaintext = this.scratch.subarray(0, length);
     plaintext[0] = type;
     plaintext.set(body, 1);
+    return this.sealed(plaintext);
+  }
+
+  /** Encrypts (type || body); `out` as in CipherState.encryptWithAd. Null: the session is over (see seal). */
+  private sealed(plaintext: Buffer, out?: Buffer): Buffer | null {
     try {
-      return this.sendKey.encryptWithAd(EMPTY, plaintext);
+      return this.sendKey.encryptWithAd(EMPTY, plaintext, out);
     } catch (err) {
       if (err instanceof NoiseError) {
         // Out of counters: what was sent is valid, so flush it rather than drop it, then close.

@@ -112,8 +112,9 @@ export interface Closable {
  */
 export interface LinkHandlers {
   /**
-   * One whole record as the peer sent it. The buffer may be reused by the
-   * link after the handler returns: copy what must outlive the call.
+   * One whole record as the peer sent it. The buffer is the receiver's: it
+   * may keep it and write into it (the session decrypts in place). The link
+   * never touches it again.
    */
   record(record: Buffer): void;
   /** After `send` returned false: the link can take more. */
@@ -144,6 +145,20 @@ export interface Link {
    * owns it: callers may pass a fresh buffer and not reuse it.
    */
   send(record: Buffer): boolean;
+  /**
+   * Bytes of framing the link puts before each record (tcp: 2), for
+   * sendInPlace. Absent together with sendInPlace.
+   */
+  readonly headroom?: number;
+  /**
+   * Like send, but without a copy: the `headroom` bytes just before `record`
+   * in its memory are the link's to overwrite with its framing, and the
+   * caller gives up the record and that room (the link may write the whole
+   * region as it is, later) — except that when `bufferedAmount` is 0 right
+   * after the call, the link has handed everything to the OS and holds no
+   * reference: the caller may then reuse the memory.
+   */
+  sendInPlace?(record: Buffer): boolean;
   /** Queue several records in one write (writev / cork). Same return meaning as send. */
   sendBatch(records: Buffer[]): boolean;
   /** Bytes queued but not yet handed to the OS. */
@@ -191,9 +206,9 @@ export interface StreamTransportPlugin extends Closable {
 export interface DatagramHandlers {
   /**
    * One datagram as it arrived, from `from` (numeric "ip:port", IPv6 in
-   * brackets, exactly as `send` takes it back). The buffer may be reused
-   * after the handler returns: copy what must outlive the call. Anyone on the
-   * network can send anything: the endpoint filters nothing.
+   * brackets, exactly as `send` takes it back). The buffer is the
+   * receiver's: it may keep it and write into it (sessions decrypt in
+   * place). Anyone on the network can send anything: the endpoint filters nothing.
    */
   datagram(data: Buffer, from: string): void;
   /** After `send` returned false: the endpoint can take more. */
@@ -259,10 +274,21 @@ export interface CipherPlugin {
   readonly name: string;
   /** The cipher's name in a Noise protocol name: 'ChaChaPoly' or 'AESGCM'. */
   readonly noiseName: string;
-  /** Returns ciphertext || 16-byte tag. `counter` is an integer in [0, 2^53). */
-  encrypt(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array): Buffer;
-  /** Returns the plaintext, or null when authentication fails. Never throws for bad input. */
-  decrypt(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array): Buffer | null;
+  /**
+   * Returns ciphertext || 16-byte tag. `counter` is an integer in [0, 2^53).
+   * `out`, when given, is where the caller would like the result: exactly
+   * plaintext.length + 16 bytes, possibly starting at plaintext's first byte
+   * (sealing in place). A cipher may write there and return `out`, or return a
+   * fresh buffer: callers use what is returned.
+   */
+  encrypt(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array, out?: Buffer): Buffer;
+  /**
+   * Returns the plaintext, or null when authentication fails. Never throws for
+   * bad input. `out` works as in encrypt (exactly ciphertext.length - 16
+   * bytes, possibly starting at ciphertext's first byte); after a failure its
+   * bytes are undefined (the ciphertext may be gone when in place).
+   */
+  decrypt(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out?: Buffer): Buffer | null;
 }
 
 // ---------------------------------------------------------------------------

@@ -13,9 +13,12 @@
  * garbage from a scanner reaches the session layer as records it discards:
  * that is what keeps the server silent on a stream transport.
  *
- * Sending: `send` returns socket.write's answer; after a false, the socket's
- * 'drain' becomes `handlers.drain()`. A record larger than 65535 bytes is a
- * caller's bug, not network input: `send`/`sendBatch` throw a RangeError for it
+ * Sending: `sendInPlace` writes the length into the 2 bytes the caller left
+ * free before the record and hands that region to the socket with no copy;
+ * `send` copies header and record into one buffer. Both return
+ * socket.write's answer; after a false, the socket's 'drain' becomes
+ * `handlers.drain()`. A record larger than 65535 bytes is a caller's bug, not
+ * network input: `send`/`sendInPlace`/`sendBatch` throw a RangeError for it
  * (and write nothing), so it fails loudly instead of stalling a caller that
  * would wait for a drain that never comes.
  */
@@ -188,6 +191,16 @@ class TcpLink implements Link {
     checkSize(record);
     if (this.state !== 'open' || !this.socket.writable) return false;
     return this.socket.write(frame(record));
+  }
+
+  readonly headroom = 2;
+
+  sendInPlace(record: Buffer): boolean {
+    checkSize(record);
+    if (this.state !== 'open' || !this.socket.writable) return false;
+    const framed = Buffer.from(record.buffer, record.byteOffset - 2, record.length + 2);
+    framed.writeUInt16BE(record.length, 0);
+    return this.socket.write(framed);
   }
 
   sendBatch(records: Buffer[]): boolean {

@@ -2,7 +2,7 @@
  * core/session.ts over an in-memory Link pair: handshake, silence on every
  * kind of bad initiation, tampering, rekey under load, close and backpressure.
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomFillSync } from 'node:crypto';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
@@ -543,6 +543,51 @@ test('rekey every ~150 ms while records stream both ways for 1 s: nothing lost, 
   client.close();
   assert.is(await withTimeout(s.closed, 2000, 'close'), undefined);
 });
+
+for (const mode of ['keep', 'copy'] as const) {
+  test(`sendInPlace (link ${mode === 'keep' ? 'holds the memory until delivery' : 'copies at once'}): payloads from payloadBuffer arrive intact while rekeying, both ciphers`, async () => {
+    for (const cipher of [chacha, aes]) {
+      const w = world();
+      // 2 ms latency and rekeys every 100 ms: records in flight under old and new keys, and 'keep' holds many at once.
+      const { a, b, client, server } = await connectedPair(w, { inPlace: mode, highWaterMark: 4 << 20, latencyMs: 2 }, { cipher, rekeyAfterMs: 100 }, { cipher });
+      const c = collector(client);
+      const s = collector(server);
+      const sent: Record<'c' | 's', Buffer[]> = { c: [], s: [] };
+      const until = Date.now() + 600;
+      let i = 0;
+      while (Date.now() < until) {
+        for (const [side, session] of [['c', client], ['s', server]] as const) {
+          const room = session.payloadBuffer!();
+          assert.ok(room.length >= session.maxPayload, 'payloadBuffer holds maxPayload bytes');
+          const n = [1, 1400, 16_384, session.maxPayload][i % 4]!;
+          const payload = room.subarray(0, n);
+          randomFillSync(payload);
+          sent[side].push(Buffer.from(payload));
+          session.sendInPlace!(payload);
+        }
+        if (++i % 8 === 0) await new Promise((r) => setImmediate(r));
+      }
+      await withTimeout(
+        (async () => {
+          while (s.got.length < sent.c.length || c.got.length < sent.s.length) {
+            if (s.isClosed || c.isClosed) throw new Error(`a session closed: ${String(await (s.isClosed ? s.closed : c.closed))}`);
+            await sleep(5);
+          }
+        })(),
+        5000,
+        'all records',
+      );
+      for (const [got, want, who] of [[s.got, sent.c, 'client'], [c.got, sent.s, 'server']] as const) {
+        assert.is(got.length, want.length, `${cipher.name}: records from the ${who}`);
+        for (let k = 0; k < want.length; k++) assert.ok(got[k]!.equals(want[k]!), `${cipher.name}: record ${k} from the ${who} intact`);
+      }
+      assert.ok(a.sent.inPlace >= i && b.sent.inPlace >= i, `${cipher.name}: records went through link.sendInPlace (${a.sent.inPlace}, ${b.sent.inPlace})`);
+      assert.ok(c.rekeys >= 2, `${cipher.name}: rekeyed ${c.rekeys} times while sending`);
+      client.close();
+      assert.is(await withTimeout(s.closed, 2000, 'close'), undefined);
+    }
+  });
+}
 
 test('keys older than rejectAfterMs close the session when the client does not rekey', async () => {
   const w = world();

@@ -66,9 +66,10 @@ for (const { file, cipher } of loaded) {
 
   s('known answer: matches node:crypto with the Noise nonce layout', () => {
     const algorithm = NODE_ALGORITHM[cipher.noiseName]!;
-    for (const counter of [0, 1, 255, 256, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 3, Number.MAX_SAFE_INTEGER]) {
+    const sizes = [1400, 16 * 1024, 65535 - 16];
+    for (const [i, counter] of [0, 1, 255, 256, 2 ** 32 - 1, 2 ** 32, 2 ** 40 + 3, Number.MAX_SAFE_INTEGER].entries()) {
       const ad = Buffer.from('ad');
-      const pt = Buffer.from(`counter ${counter}`);
+      const pt = i < sizes.length ? randomBytes(sizes[i]!) : Buffer.from(`counter ${counter}`);
       // Both AEADs share this API; the cast only picks one overload of createCipheriv.
       const c = createCipheriv(algorithm as 'aes-256-gcm', key, noiseNonce(cipher.noiseName, counter), { authTagLength: TAG });
       c.setAAD(ad, { plaintextLength: pt.length });
@@ -151,6 +152,31 @@ for (const { file, cipher } of loaded) {
     for (const badKey of [Buffer.alloc(0), Buffer.alloc(16), Buffer.alloc(33)]) {
       assert.is(cipher.decrypt(badKey, 5, Buffer.alloc(0), good), null, `key of ${badKey.length} bytes`);
     }
+  });
+
+  s('out: sealing and opening in place give the same bytes as fresh buffers', () => {
+    for (const size of [0, 1, 1400, 16 * 1024, 65535 - 16]) {
+      const ad = size % 2 === 0 ? Buffer.alloc(0) : randomBytes(8);
+      const pt = randomBytes(size);
+      const expected = cipher.encrypt(key, 9, ad, pt);
+      const memory = Buffer.alloc(size + TAG + 8, 0xee);
+      const region = memory.subarray(4, 4 + size + TAG);
+      pt.copy(region);
+      const sealed = cipher.encrypt(key, 9, ad, region.subarray(0, size), region);
+      assert.ok(sealed.equals(expected), `size ${size}: in-place ciphertext`);
+      if (sealed !== region) sealed.copy(region); // a cipher may return a fresh buffer: callers use what it returns
+      assert.is(memory.readUInt32BE(0), 0xeeeeeeee, 'nothing written before out');
+      assert.is(memory.readUInt32BE(memory.length - 4), 0xeeeeeeee, 'nothing written after out');
+      const opened = cipher.decrypt(key, 9, ad, region, region.subarray(0, size));
+      assert.ok(opened !== null && opened.equals(pt), `size ${size}: in-place plaintext`);
+    }
+  });
+
+  s('out: a tampered record opened in place is refused', () => {
+    const pt = randomBytes(1400);
+    const ct = cipher.encrypt(key, 5, Buffer.alloc(0), pt);
+    ct[700]! ^= 1;
+    assert.is(cipher.decrypt(key, 5, Buffer.alloc(0), ct, ct.subarray(0, 1400)), null);
   });
 
   s('encrypt refuses a counter outside [0, 2^53)', () => {

@@ -10,8 +10,8 @@
  *   const a = net.endpoint('10.0.0.1:1000');
  *
  * Honours the DatagramEndpoint contract: nothing is delivered before start()
- * (early datagrams are kept); delivered buffers are scribbled over after the
- * handler returns, so a receiver that keeps one without copying is caught.
+ * (early datagrams are kept); every delivered datagram is a buffer of its
+ * own (the receiver's to keep, as from a real socket).
  */
 import type { DatagramEndpoint, DatagramHandlers } from '../../core/types.ts';
 
@@ -153,7 +153,6 @@ class MemEndpointImpl implements MemEndpoint {
       return;
     }
     this.handlers.datagram(data, from);
-    data.fill(0xa5); // the receiver must have copied what it keeps
   }
 }
 

@@ -7,8 +7,13 @@
  *   const { a, b } = memLinkPair({ tap: (rec, from) => (from === 'a' ? rec : rec) });
  *
  * Honours the Link contract strictly: nothing is delivered before start();
- * a delivered buffer is overwritten after the handler returns (unless
- * reuseBuffers is false), so a receiver that keeps it without copying is caught.
+ * every delivered record is a buffer of its own (the receiver's to keep).
+ *
+ * With `inPlace`, the link also offers sendInPlace (2 bytes of headroom,
+ * which it fills with a marker): 'keep' holds on to the caller's memory until
+ * the batch is delivered (bufferedAmount > 0 meanwhile), so a sender that
+ * reuses memory the link still holds delivers garbage and is caught; 'copy'
+ * copies at once and leaves bufferedAmount at 0, so the sender may reuse it.
  */
 import type { Link, LinkHandlers } from '../../core/types.ts';
 
@@ -24,8 +29,8 @@ export interface MemLinkOptions {
    * (the same, a changed buffer, or null to drop it).
    */
   tap?: (record: Buffer, from: Side) => Buffer | null;
-  /** Scribble over delivered buffers after the handler returns (default true). */
-  reuseBuffers?: boolean;
+  /** Offer sendInPlace: 'keep' the caller's memory until delivery, or 'copy' it at once (see above). */
+  inPlace?: 'keep' | 'copy';
   /**
    * Delay before a batch is delivered (default 0: the next setImmediate).
    * With a delay, records stay in flight while both sides keep sending, as on a network.
@@ -35,8 +40,8 @@ export interface MemLinkOptions {
 
 export interface MemLink extends Link {
   readonly side: Side;
-  /** Records and bytes this side handed to send()/sendBatch(), before the tap. */
-  readonly sent: { records: number; bytes: number };
+  /** Records and bytes this side handed to send()/sendBatch()/sendInPlace(), before the tap. */
+  readonly sent: { records: number; bytes: number; inPlace: number };
   /** True once closed or destroyed (either side). */
   readonly closed: boolean;
   /** Resolves when this side's close handler has run. */
@@ -55,7 +60,9 @@ class MemLinkImpl implements MemLink {
   readonly type = 'stream' as const;
   readonly remoteAddress: string;
   readonly maxRecordSize: number;
-  readonly sent = { records: 0, bytes: 0 };
+  readonly sent = { records: 0, bytes: 0, inPlace: 0 };
+  readonly headroom?: number;
+  readonly sendInPlace?: (record: Buffer) => boolean;
   peer!: MemLinkImpl;
   closed = false;
   readonly whenClosed: Promise<Error | undefined>;
@@ -81,6 +88,16 @@ class MemLinkImpl implements MemLink {
     this.maxRecordSize = opts.maxRecordSize ?? 65535;
     this.highWaterMark = opts.highWaterMark ?? 256 * 1024;
     this.whenClosed = new Promise((resolve) => (this.resolveClosed = resolve));
+    if (opts.inPlace !== undefined) {
+      this.headroom = 2;
+      this.sendInPlace = (record) => {
+        if (record.byteOffset < 2) throw new RangeError('memlink: sendInPlace without 2 bytes of headroom');
+        const framed = Buffer.from(record.buffer, record.byteOffset - 2, record.length + 2);
+        framed.writeUInt16BE(0xd5d5, 0);
+        this.sent.inPlace++;
+        return this.enqueue([opts.inPlace === 'keep' ? framed.subarray(2) : record], opts.inPlace === 'keep' ? 'keep' : 'take');
+      };
+    }
   }
 
   get bufferedAmount(): number {
@@ -101,16 +118,25 @@ class MemLinkImpl implements MemLink {
   }
 
   sendBatch(records: Buffer[]): boolean {
+    return this.enqueue(records, 'send');
+  }
+
+  /**
+   * send: copy and count as buffered. keep: queue the caller's memory itself
+   * (copied only at delivery), counted as buffered. take: copy, and count it
+   * as handed on (bufferedAmount stays 0).
+   */
+  private enqueue(records: Buffer[], how: 'send' | 'keep' | 'take'): boolean {
     if (this.closed || this.closeAfterFlush) return false;
     for (const record of records) {
       if (record.length > this.maxRecordSize) throw new RangeError(`memlink: record of ${record.length} bytes exceeds ${this.maxRecordSize}`);
       this.sent.records++;
       this.sent.bytes += record.length;
-      const copy = Buffer.from(record);
-      const delivered = this.opts.tap ? this.opts.tap(copy, this.side) : copy;
+      const held = how === 'keep' ? record : Buffer.from(record);
+      const delivered = this.opts.tap ? this.opts.tap(held, this.side) : held;
       if (delivered === null) continue;
       this.outbox.push(delivered);
-      this.outboxBytes += delivered.length;
+      if (how !== 'take') this.outboxBytes += delivered.length;
     }
     this.scheduleFlush();
     if (this.outboxBytes > this.highWaterMark) {
@@ -149,7 +175,7 @@ class MemLinkImpl implements MemLink {
     this.outboxBytes = 0;
     for (const record of batch) {
       if (this.closed) return;
-      this.peer.receive(record);
+      this.peer.receive(Buffer.from(record));
     }
     if (this.closeAfterFlush) {
       this.shutBoth();
@@ -169,7 +195,6 @@ class MemLinkImpl implements MemLink {
 
   private deliverOne(record: Buffer): void {
     this.handlers!.record(record);
-    if (this.opts.reuseBuffers !== false) record.fill(0xa5);
   }
 
   private shutBoth(): void {

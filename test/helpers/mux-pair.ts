@@ -6,9 +6,9 @@
  * in order, at most `perTick` payloads per turn (a bandwidth limit), and
  * drain() is called on the sender once the queue is below half of highWater.
  * `block()` simulates a congested session: send() returns false and nothing
- * is delivered until `unblock()`. Delivered buffers are scribbled over after
- * receive() returns, so a mux that keeps a received buffer without copying
- * it is caught.
+ * is delivered until `unblock()`. Payloads are delivered as sent, not
+ * copied, so a mux that wrote into a payload after passing it to send()
+ * would deliver garbage; once delivered, a payload is the receiving mux's.
  */
 import { Mux, type MuxOptions } from '../../core/mux.ts';
 import { EventBus } from '../../core/events.ts';
@@ -90,7 +90,6 @@ export class Pipe {
       this.queuedBytes -= payload.length;
       n++;
       this.target.receive(payload);
-      payload.fill(0xa5); // the receiver must have copied what it keeps
       if (this.closed || this.blocked) return;
     }
     if (this.head === this.queue.length) {

@@ -1,0 +1,80 @@
+/**
+ * ChaCha20-Poly1305 (RFC 8439, Noise "ChaChaPoly") from libsodium through
+ * sodium-native: one cheap call per record, in place.
+ *
+ * Why: node:crypto builds a cipher context per record (createCipheriv,
+ * setAAD, update, final, getAuthTag: about 10 µs for a 1400-byte packet) and
+ * always returns fresh buffers, while one libsodium call seals the same packet
+ * in about 2 µs, in place, with no allocation. For a single large record
+ * OpenSSL's ChaCha20 is faster per byte (≈ 2.1 against 1.5 GB/s at 64 KiB
+ * here), but its fresh output buffers cost more than that: a 1 GiB download
+ * through the SOCKS5 proxy took ~30 % less server CPU sealing in place with
+ * libsodium at every size than with node:crypto above 16 KiB.
+ *
+ * sodium-native ships prebuilt binaries (no install script). Where none fits
+ * the platform, `loadSodiumChaCha()` returns null and the plugin uses
+ * node:crypto alone.
+ */
+import { createRequire } from 'node:module';
+
+const TAG_LENGTH = 16;
+const TWO_POW_32 = 0x1_0000_0000;
+/** The part of sodium-native used here. */
+interface SodiumAead {
+  crypto_aead_chacha20poly1305_ietf_encrypt(c: Uint8Array, m: Uint8Array, ad: Uint8Array | null, nsec: null, npub: Uint8Array, k: Uint8Array): number;
+  crypto_aead_chacha20poly1305_ietf_decrypt(m: Uint8Array, nsec: null, c: Uint8Array, ad: Uint8Array | null, npub: Uint8Array, k: Uint8Array): number;
+}
+
+export interface SodiumChaCha {
+  /**
+   * Seals plaintext into `out` (length plaintext.length + 16), which may be
+   * the very memory of plaintext followed by 16 free bytes (in place).
+   */
+  encryptInto(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array, out: Buffer): void;
+  /**
+   * Opens ciphertext into `out` (length ciphertext.length - 16, may start at
+   * ciphertext's first byte). False when authentication fails; `out` is then
+   * zeroed (libsodium clears it), so a caller that may retry with another key
+   * must not decrypt in place.
+   */
+  decryptInto(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out: Uint8Array): boolean;
+}
+
+let loaded: SodiumAead | null | undefined;
+
+function sodium(): SodiumAead | null {
+  if (loaded === undefined) {
+    try {
+      loaded = createRequire(import.meta.url)('sodium-native') as SodiumAead;
+    } catch {
+      loaded = null;
+    }
+  }
+  return loaded;
+}
+
+/** libsodium's ChaCha20-Poly1305, or null when sodium-native cannot load here. */
+export function loadSodiumChaCha(): SodiumChaCha | null {
+  const s = sodium();
+  if (s === null) return null;
+  const nonce = Buffer.alloc(12);
+  const setNonce = (counter: number): void => {
+    nonce.writeUInt32LE(counter >>> 0, 4);
+    nonce.writeUInt32LE(Math.floor(counter / TWO_POW_32), 8);
+  };
+  return {
+    encryptInto(key, counter, ad, plaintext, out) {
+      setNonce(counter);
+      s.crypto_aead_chacha20poly1305_ietf_encrypt(out.subarray(0, plaintext.length + TAG_LENGTH), plaintext, ad.length > 0 ? ad : null, null, nonce, key);
+    },
+    decryptInto(key, counter, ad, ciphertext, out) {
+      setNonce(counter);
+      try {
+        s.crypto_aead_chacha20poly1305_ietf_decrypt(out, null, ciphertext, ad.length > 0 ? ad : null, nonce, key);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+  };
+}
