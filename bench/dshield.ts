@@ -92,12 +92,15 @@ export function clientConfig(o: DshieldConfigOptions, keys: Keys): unknown {
   };
 }
 
+/** DSHIELD_BENCH_CPU_PROF=dir: every dshield process writes a V8 CPU profile (100 µs samples) there when it exits. */
+const PROFILE_ARGS = process.env.DSHIELD_BENCH_CPU_PROF ? ['--cpu-prof', `--cpu-prof-dir=${process.env.DSHIELD_BENCH_CPU_PROF}`, '--cpu-prof-interval', '100'] : [];
+
 /** Start the CLI in `ns` with `config` (JSON) written into `dir`; `pin` = taskset CPU list. */
 export function startCliIn(ns: string, name: string, mode: 'server' | 'client', dir: string, config: unknown, pin?: string): BenchProc {
   mkdirSync(dir, { recursive: true });
   const path = join(dir, `${mode}.config.json`);
   writeFileSync(path, JSON.stringify(config, null, 2), { mode: 0o600 });
-  const argv = [process.execPath, '--import', TSX, CLI, '--mode', mode, '--config', path];
+  const argv = [process.execPath, ...PROFILE_ARGS, '--import', TSX, CLI, '--mode', mode, '--config', path];
   return pin ? startIn(ns, name, 'taskset', ['-c', pin, ...argv], { cwd: ROOT }) : startIn(ns, name, argv[0]!, argv.slice(1), { cwd: ROOT });
 }
 

@@ -8,6 +8,7 @@
  *                              (the plain baseline always runs)
  *   DSHIELD_BENCH_NO_INSTALL=1 never call apt-get (missing peers are skipped with a line saying so)
  *   DSHIELD_BENCH_OUT=dir      where results go (default bench/results)
+ *   DSHIELD_BENCH_CPU_PROF=dir every dshield process writes a V8 CPU profile there on exit
  */
 import { fileURLToPath } from 'node:url';
 
