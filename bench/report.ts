@@ -167,7 +167,7 @@ export function evaluateTargets(rows: Row[]): Target[] {
   targets.push(
     ok(p99)
       ? {
-          text: `p99 of a 1 KiB request ≤ 50 ms at ${p99.extra?.streams ?? '?'} active streams, none starved`,
+          text: `p99 of a 1 KiB request ≤ 50 ms at ${p99.extra?.streams ?? '?'} active streams (paced, ~5k req/s), none starved`,
           verdict: p99.median <= 50 && Number(p99.extra?.minPerStream ?? 0) > 0 ? 'PASS' : 'FAIL',
           detail: `p99 ${fmt(p99.median)} ms; fewest requests on one stream: ${p99.extra?.minPerStream}`,
         }

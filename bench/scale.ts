@@ -4,10 +4,14 @@
  *
  *   idle streams   N streams held open to a silent server: resident memory
  *                  per stream of the server and the client process (RSS delta / N)
- *   active streams 1,000 streams each doing 1 KiB echo round trips with a
- *                  10–30 ms pause: aggregate throughput, p50/p99 latency, the
- *                  fewest round trips any stream got (0 = starved); microsocks
- *                  (no crypto) is measured the same way for reference
+ *   active streams 1,000 streams each doing 1 KiB echo round trips, twice:
+ *                  saturated (10–30 ms pauses: aggregate throughput, and the
+ *                  p99 there), then paced (150–250 ms pauses, ~5,000 requests/s
+ *                  offered: p50/p99 latency and the fewest round trips any
+ *                  stream got, 0 = starved). Latency is judged paced because
+ *                  at saturation the driver itself is the bottleneck: even
+ *                  microsocks (no crypto, measured the same way for
+ *                  reference) shows a p99 over 150 ms there.
  *   handshakes     a server pinned to CPU 0, a driver pinned to CPU 1 doing
  *                  full Noise IK handshakes over new tcp connections: completed
  *                  handshakes per second of the server's CPU time (what one
@@ -86,35 +90,51 @@ async function idleStreams(bt: BenchTopology): Promise<Row[]> {
   ];
 }
 
+/** Pauses between a stream's requests: as fast as it goes, and a fixed offered load (~1,000 / 0.2 s). */
+const SATURATED_PAUSE_MS: [number, number] = [10, 30];
+const PACED_PAUSE_MS: [number, number] = [150, 250];
+
 async function activeStreams(bt: BenchTopology, spec: SystemSpec): Promise<Row[]> {
   const n = SETTINGS.activeStreams;
   const tput: number[] = [];
+  const p99Saturated: number[] = [];
   const p99: number[] = [];
   const p50: number[] = [];
   let minPerStream = Infinity;
+  type Result = { streams: number; failed: number; firstError?: string; seconds: number; bytes: number; p50: number; p99: number; minPerStream: number };
   await withSystem(bt, spec, async (sys) => {
     const [host, port] = sys.socks!.split(':') as [string, string];
-    for (let run = 0; run < RUNS; run++) {
-      const d = driver(bt, ['active', host, port, bt.webIp, String(PORTS.echo), String(n), String(SETTINGS.activeSeconds)]);
+    const load = async (pause: [number, number]): Promise<Result> => {
+      const d = driver(bt, ['active', host, port, bt.webIp, String(PORTS.echo), String(n), String(SETTINGS.activeSeconds), String(pause[0]), String(pause[1])]);
       try {
         const m = await d.waitFor(/^RESULT (.*)$/m, SETTINGS.activeSeconds * 1000 + 120_000);
-        const r = JSON.parse(m[1]!) as { streams: number; failed: number; firstError?: string; seconds: number; bytes: number; p50: number; p99: number; minPerStream: number };
+        const r = JSON.parse(m[1]!) as Result;
         if (r.streams < n) throw new Error(`only ${r.streams} of ${n} active streams opened (${r.failed} failed: ${r.firstError})`);
-        tput.push(r.bytes / r.seconds / 1e6);
-        p99.push(r.p99);
-        p50.push(r.p50);
-        minPerStream = Math.min(minPerStream, r.minPerStream);
+        return r;
       } finally {
         await d.stop();
       }
+    };
+    for (let run = 0; run < RUNS; run++) {
+      const saturated = await load(SATURATED_PAUSE_MS);
+      tput.push(saturated.bytes / saturated.seconds / 1e6);
+      p99Saturated.push(saturated.p99);
+      const paced = await load(PACED_PAUSE_MS);
+      p99.push(paced.p99);
+      p50.push(paced.p50);
+      minPerStream = Math.min(minPerStream, paced.minPerStream);
     }
   });
-  console.log(`  active ${spec.id}: ${tput.map((v) => v.toFixed(1)).join('/')} MB/s, p99 ${p99.map((v) => v.toFixed(1)).join('/')} ms, fewest per stream ${minPerStream}`);
+  console.log(
+    `  active ${spec.id}: saturated ${tput.map((v) => v.toFixed(1)).join('/')} MB/s (p99 ${p99Saturated.map((v) => v.toFixed(0)).join('/')} ms); ` +
+      `paced p99 ${p99.map((v) => v.toFixed(1)).join('/')} ms, fewest per stream ${minPerStream}`,
+  );
   const extra = { streams: n, minPerStream };
   return [
-    row(spec, 'active-throughput', `${n} active streams: 1 KiB echo throughput`, 'MB/s', 'higher', tput, extra),
-    row(spec, 'active-p50', `${n} active streams: p50 of a 1 KiB round trip`, 'ms', 'lower', p50, extra),
-    row(spec, 'active-p99', `${n} active streams: p99 of a 1 KiB round trip`, 'ms', 'lower', p99, extra),
+    row(spec, 'active-throughput', `${n} active streams, saturated: 1 KiB echo throughput`, 'MB/s', 'higher', tput, extra),
+    row(spec, 'active-p99-saturated', `${n} active streams, saturated: p99 of a 1 KiB round trip`, 'ms', 'lower', p99Saturated, extra),
+    row(spec, 'active-p50', `${n} active streams, paced (~5k req/s): p50 of a 1 KiB round trip`, 'ms', 'lower', p50, extra),
+    row(spec, 'active-p99', `${n} active streams, paced (~5k req/s): p99 of a 1 KiB round trip`, 'ms', 'lower', p99, extra),
   ];
 }
 
@@ -182,6 +202,7 @@ export async function runScale(bt: BenchTopology): Promise<Row[]> {
   await attempt(dsh, [['idle-server-mem', 'server RSS per idle stream', 'KiB', 'lower'], ['idle-client-mem', 'client RSS per idle stream', 'KiB', 'lower']], () => idleStreams(bt));
   const activeMetrics: Array<[string, string, string, Row['better']]> = [
     ['active-throughput', 'active streams: throughput', 'MB/s', 'higher'],
+    ['active-p99-saturated', 'active streams: p99 saturated', 'ms', 'lower'],
     ['active-p50', 'active streams: p50', 'ms', 'lower'],
     ['active-p99', 'active streams: p99', 'ms', 'lower'],
   ];

@@ -141,8 +141,9 @@ export interface Link {
   /**
    * Queue one record. Never throws for a closed link (drops silently).
    * Returns false when the caller should stop sending until `drain`.
-   * The link must not keep a reference to `record` past the call unless it
-   * owns it: callers may pass a fresh buffer and not reuse it.
+   * The link may keep a reference to `record` while it is queued; when
+   * `bufferedAmount` is 0 right after the call, it holds none and the caller
+   * may reuse the memory (the session does: see Session.payloadBuffer).
    */
   send(record: Buffer): boolean;
   /**
@@ -154,14 +155,14 @@ export interface Link {
    * Like send, but without a copy: the `headroom` bytes just before `record`
    * in its memory are the link's to overwrite with its framing, and the
    * caller gives up the record and that room (the link may write the whole
-   * region as it is, later) — except that when `bufferedAmount` is 0 right
-   * after the call, the link has handed everything to the OS and holds no
-   * reference: the caller may then reuse the memory.
+   * region as it is, later) — except that, as with send, when
+   * `bufferedAmount` is 0 right after the call the link holds no reference
+   * and the caller may reuse the memory.
    */
   sendInPlace?(record: Buffer): boolean;
   /** Queue several records in one write (writev / cork). Same return meaning as send. */
   sendBatch(records: Buffer[]): boolean;
-  /** Bytes queued but not yet handed to the OS. */
+  /** Bytes queued but not yet handed to the OS. 0 means the link holds no record's memory. */
   readonly bufferedAmount: number;
   /** Flush what is queued, then close. */
   close(): void;

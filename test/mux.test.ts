@@ -393,6 +393,30 @@ test('DATA beyond credit or over 16 KiB resets the stream (and nothing crashes)'
   assert.match((await withTimeout(bErr, 1000, 'oversized DATA reset')).message, /16384/);
 });
 
+test('received DATA: large frames reach the reader as views of the payload, small ones as copies (no 64 KiB pinned per byte)', async () => {
+  const serverStreams: Duplex[] = [];
+  pair = muxPair({ server: { onOpen: (req) => serverStreams.push(quiet(req.accept())) } });
+  await open(pair);
+  await until(() => serverStreams.length === 1, 1000, 'server stream');
+  const s = serverStreams[0]!;
+  // One payload of 64 KiB holding a 16 KiB DATA frame and padding (an unknown frame type the mux skips).
+  const big = encodeFrame(FrameType.DATA, 1, Buffer.alloc(MAX_DATA, 1));
+  const pad = (n: number) => encodeFrame(0x7f, 0, Buffer.alloc(n - 7));
+  const payload = Buffer.concat([big, pad(65535 - big.length)]);
+  pair.server.receive(payload);
+  const viewed = s.read() as Buffer;
+  assert.is(viewed.length, MAX_DATA);
+  assert.ok(viewed.buffer === payload.buffer, 'a 16 KiB frame in a 64 KiB payload is handed over without a copy');
+  // A 10-byte frame in a 64 KiB payload: a view would keep 64 KiB alive for 10 bytes of window.
+  const tiny = encodeFrame(FrameType.DATA, 1, Buffer.alloc(10, 2));
+  const sparse = Buffer.concat([tiny, pad(65535 - tiny.length)]);
+  pair.server.receive(sparse);
+  const copied = s.read() as Buffer;
+  assert.ok(copied.equals(Buffer.alloc(10, 2)));
+  assert.ok(copied.buffer !== sparse.buffer, 'a small frame is copied out of its payload');
+  assert.ok(copied.buffer.byteLength < 16 * 1024, `the copy pins ${copied.buffer.byteLength} bytes`);
+});
+
 test('malformed and random frames are dropped, logged at debug, and the mux keeps working', async () => {
   pair = muxPair({ server: { onOpen: echo, onUdp: (a) => a.onMessage((to, p) => a.send(to, p)) } });
   const frame = (type: number, id: number, body: number[] | Buffer = []) =>

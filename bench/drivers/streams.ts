@@ -2,23 +2,33 @@
  * Scale driver, run in the client namespace against a SOCKS5 proxy:
  *
  *   node --import tsx bench/drivers/streams.ts idle   SOCKS_HOST SOCKS_PORT TARGET_IP TARGET_PORT COUNT
- *   node --import tsx bench/drivers/streams.ts active SOCKS_HOST SOCKS_PORT TARGET_IP TARGET_PORT COUNT SECONDS
+ *   node --import tsx bench/drivers/streams.ts active SOCKS_HOST SOCKS_PORT TARGET_IP TARGET_PORT COUNT SECONDS [PAUSE_MIN_MS PAUSE_MAX_MS]
  *
  * idle:   opens COUNT streams (SOCKS5 CONNECT to a server that holds them
  *         silently), prints `OPENED {json}` and keeps them until SIGTERM.
  * active: opens COUNT streams to an echo server, then on every stream, for
  *         SECONDS: send 1 KiB, wait for its echo (one "request"), pause
- *         10–30 ms, repeat. Prints `RESULT {json}`: requests, bytes, latency
+ *         PAUSE_MIN..PAUSE_MAX ms (default 10–30: as fast as the proxy goes), repeat.
+ *         Latency percentiles leave out the first second (warm-up). Prints `RESULT {json}`: requests, bytes, latency
  *         percentiles, and the fewest requests any stream completed (0 = a
  *         stream starved).
  */
 import { connect, type Socket } from 'node:net';
 
-const [mode, socksHost, socksPortText, targetIp, targetPortText, countText, secondsText] = process.argv.slice(2);
+const [mode, socksHost, socksPortText, targetIp, targetPortText, countText, secondsText, pauseMinText, pauseMaxText] = process.argv.slice(2);
+const pauseMin = Number(pauseMinText ?? 10);
+const pauseSpan = Number(pauseMaxText ?? 30) - pauseMin;
 const socksPort = Number(socksPortText);
 const targetPort = Number(targetPortText);
 const count = Number(countText);
 const OPEN_CONCURRENCY = 200;
+/**
+ * active: latencies of requests sent in the first second are not counted
+ * (the proxy's code is still being compiled by the JIT, the streams' first
+ * bytes set up their paths); every request counts for throughput and for
+ * the fewest requests a stream completed.
+ */
+const WARMUP_MS = 1000;
 
 /** One SOCKS5 CONNECT (no auth, IPv4 target); resolves with the socket once the proxy says 0x00. */
 function socksConnect(): Promise<Socket> {
@@ -118,15 +128,16 @@ async function active(): Promise<void> {
           s.on('data', (c: Buffer) => {
             pending -= c.length;
             if (pending <= 0) {
-              latencies.push(performance.now() - sentAt);
+              if (sentAt - started >= WARMUP_MS) latencies.push(performance.now() - sentAt);
               perStream[i]!++;
               bytes += 2 * payload.length;
-              setTimeout(send, 10 + Math.random() * 20);
+              setTimeout(send, pauseMin + Math.random() * pauseSpan);
             }
           });
           s.on('close', () => resolve());
-          // Spread the first requests over 100 ms so they do not all start in one tick.
-          setTimeout(send, Math.random() * 100);
+          // Spread the first requests over a whole pause (at least 100 ms), so
+          // the offered load is steady from the start instead of one burst.
+          setTimeout(send, Math.random() * Math.max(100, pauseMin + pauseSpan));
         }),
     ),
   );

@@ -176,6 +176,38 @@ function streamSuite(name: string, make: Make<StreamTransportPlugin>): void {
     }
   });
 
+  s('memory is the caller\'s again when bufferedAmount is 0 after send/sendInPlace: reusing it then corrupts nothing', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      const head = a.link.headroom ?? 0;
+      assert.is(a.link.sendInPlace === undefined, a.link.headroom === undefined, 'headroom and sendInPlace come together');
+      const sizes = Array.from({ length: 600 }, (_, i) => [1, 1400, 16384, MAX][i % 4]!);
+      let memory = Buffer.alloc(head + MAX);
+      let reused = 0;
+      for (let i = 0; i < sizes.length; i++) {
+        const record = memory.subarray(head, head + sizes[i]!);
+        patterned(i, sizes[i]!).copy(record);
+        const inPlace = a.link.sendInPlace !== undefined && i % 2 === 0;
+        if (inPlace) a.link.sendInPlace!(record);
+        else a.link.send(record);
+        if (a.link.bufferedAmount === 0) {
+          memory.fill(0xa5); // the link said it holds nothing: scribble over what it was given
+          reused++;
+        } else {
+          memory = Buffer.alloc(head + MAX);
+        }
+        if (i % 50 === 49) await sleep(1);
+      }
+      await b.until(() => b.records.length >= sizes.length, 10_000, 'records');
+      assertRecords(b.records, sizes, 'records whose memory was reused');
+      assert.ok(reused > 0, 'some sends were handed to the OS at once');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
   s('5000 small records arrive in order', async () => {
     const p = await connectPair(t);
     try {
