@@ -118,6 +118,23 @@ export type Initiation =
 const BOTH_PATTERNS: readonly HandshakePattern[] = ['IK', 'IKpsk2'];
 
 /**
+ * DH(server static key, client static key) by client key (base64), per
+ * server key pair: the one DH of a handshake that comes out the same every
+ * time, kept as WireGuard keeps its precomputed static-static secret. Only
+ * authorized keys go in, so it is bounded by them whatever strangers send
+ * (and by a cap, oldest out first). Holding these adds nothing to what
+ * reading this process's memory gives away already: the server's private key.
+ */
+const staticSecrets = new WeakMap<KeyPair, Map<string, Buffer>>();
+const STATIC_SECRETS_CAP = 16_384;
+
+function staticSecretsOf(staticKey: KeyPair): Map<string, Buffer> {
+  let secrets = staticSecrets.get(staticKey);
+  if (secrets === undefined) staticSecrets.set(staticKey, (secrets = new Map()));
+  return secrets;
+}
+
+/**
  * Server: authenticate a message 1 and decide whether to answer it. The
  * replay guard records the timestamp only after the key is authorized, so
  * its memory is bounded by the authorized keys. `expectedKey`: a rekey must
@@ -126,13 +143,16 @@ const BOTH_PATTERNS: readonly HandshakePattern[] = ['IK', 'IKpsk2'];
  * | 'client key changed' | 'auth plugin failed: ...'.
  */
 export function checkInitiation(ctx: ResponderContext, message1: Buffer, expectedKey?: Buffer): Initiation {
+  const secrets = staticSecretsOf(ctx.staticKey);
   let state: HandshakeState;
   let payload: Buffer;
+  let staticShared: Buffer;
   try {
-    ({ state, payload } = readInitiation(
+    ({ state, payload, staticShared } = readInitiation(
       { cipher: ctx.cipher, hash: ctx.hash, prologue: PROLOGUE, staticKey: ctx.staticKey },
       message1,
       BOTH_PATTERNS,
+      (publicKey) => secrets.get(Buffer.from(publicKey.buffer, publicKey.byteOffset, publicKey.byteLength).toString('base64')),
     ));
   } catch {
     return { ok: false, reason: 'bad handshake' };
@@ -160,7 +180,12 @@ export function checkInitiation(ctx: ResponderContext, message1: Buffer, expecte
   if (payload.length < TIMESTAMP_LENGTH) return { ok: false, reason: 'bad handshake' };
   const json = parseJsonObject(payload.subarray(TIMESTAMP_LENGTH));
   if (json === null) return { ok: false, reason: 'bad handshake' };
-  if (!ctx.replay.accept(clientKey.toString('base64'), payload.subarray(0, TIMESTAMP_LENGTH))) {
+  const clientKeyB64 = clientKey.toString('base64');
+  if (!secrets.has(clientKeyB64)) {
+    if (secrets.size >= STATIC_SECRETS_CAP) secrets.delete(secrets.keys().next().value!);
+    secrets.set(clientKeyB64, staticShared);
+  }
+  if (!ctx.replay.accept(clientKeyB64, payload.subarray(0, TIMESTAMP_LENGTH))) {
     return { ok: false, reason: 'replayed initiation' };
   }
   return { ok: true, state, clientKey, identity, json };

@@ -15,7 +15,7 @@
 import { createHash, createHmac } from 'node:crypto';
 import { DshieldError, ErrorCodes } from './errors.ts';
 import type { CipherPlugin, NoiseHash } from './types.ts';
-import { dh as x25519, generateKeyPair, keyPairFromPrivate, type KeyPair, KEY_LENGTH } from './x25519.ts';
+import { dh as x25519, ephemeralFromPrivate, generateEphemeral, type EphemeralKey, type KeyPair, KEY_LENGTH } from './x25519.ts';
 
 /** The Noise hash functions; BLAKE2s is dshield's default. */
 export type HashName = NoiseHash;
@@ -158,7 +158,15 @@ export class SymmetricState {
       this.hashValue = this.digest(nameBytes);
     }
     this.chainingKey = this.hashValue;
-    this.cipherState = new CipherState(cipher);
+  }
+
+  /**
+   * h and ck so far, for a state that has no key yet (the CipherState is not
+   * part of it). Nothing here mutates the buffers it holds (every mix makes
+   * new ones), so a snapshot may be shared by any number of states.
+   */
+  snapshot(): SymmetricSnapshot {
+    return { chainingKey: this.chainingKey, hashValue: this.hashValue };
   }
 
   private digest(...parts: Uint8Array[]): Buffer {
@@ -231,6 +239,33 @@ export class SymmetricState {
 // ---------------------------------------------------------------------------
 // HandshakeState
 
+/**
+ * Where every handshake with the same protocol, prologue and responder key
+ * starts (three hashes in): the same for all of a server's handshakes, so it
+ * is computed once per combination. Public values only. Bounded; a
+ * combination that falls out is simply computed again.
+ */
+const premessageStates = new Map<string, SymmetricSnapshot>();
+const PREMESSAGE_CACHE_SIZE = 32;
+
+function startSymmetric(
+  cipher: CipherPlugin,
+  hash: HashName,
+  name: string,
+  prologue: Uint8Array,
+  responderStatic: Uint8Array,
+): SymmetricState {
+  const id = `${name} ${Buffer.from(prologue.buffer, prologue.byteOffset, prologue.byteLength).toString('base64')} ${Buffer.from(responderStatic.buffer, responderStatic.byteOffset, responderStatic.byteLength).toString('base64')}`;
+  const known = premessageStates.get(id);
+  if (known !== undefined) return new SymmetricState(cipher, hash, name, known);
+  const symmetric = new SymmetricState(cipher, hash, name);
+  symmetric.mixHash(prologue);
+  symmetric.mixHash(responderStatic);
+  if (premessageStates.size >= PREMESSAGE_CACHE_SIZE) premessageStates.delete(premessageStates.keys().next().value!);
+  premessageStates.set(id, symmetric.snapshot());
+  return symmetric;
+}
+
 type Token = 'e' | 's' | 'es' | 'ss' | 'ee' | 'se' | 'psk';
 
 const PATTERNS: Record<HandshakePattern, Token[][]> = {
@@ -260,7 +295,10 @@ export interface HandshakeOptions {
   psk?: Buffer;
   /** The ephemeral PRIVATE key to use instead of a fresh one. For test vectors only. */
   ephemeralPrivateKey?: Buffer;
-  /** Replaces X25519 (it must behave the same); lets trial readers share DH results. */
+  /**
+   * Replaces X25519 for the DHs with this side's static key (it must behave
+   * the same); lets trial readers share DH results. The ephemeral key does its own.
+   */
   dh?: DhFunction;
 }
 
@@ -281,7 +319,7 @@ export class HandshakeState {
   readonly initiator: boolean;
   private readonly symmetric: SymmetricState;
   private readonly staticKey: KeyPair;
-  private ephemeral: KeyPair | null = null;
+  private ephemeral: EphemeralKey | null = null;
   private readonly injectedEphemeral: Buffer | undefined;
   private remoteStatic: Buffer | null;
   private remoteEphemeral: Buffer | null = null;
@@ -305,10 +343,14 @@ export class HandshakeState {
     this.remoteStatic = opts.initiator ? Buffer.from(opts.remoteStaticKey!) : null;
     if (opts.psk !== undefined) this.setPsk(opts.psk);
 
-    this.symmetric = new SymmetricState(opts.cipher, opts.hash, protocolName(opts.pattern, opts.cipher, opts.hash));
-    this.symmetric.mixHash(opts.prologue ?? EMPTY);
     // Pre-message "<- s": the responder's static key is known to both sides.
-    this.symmetric.mixHash(opts.initiator ? this.remoteStatic! : this.staticKey.publicKey);
+    this.symmetric = startSymmetric(
+      opts.cipher,
+      opts.hash,
+      protocolName(opts.pattern, opts.cipher, opts.hash),
+      opts.prologue ?? EMPTY,
+      opts.initiator ? this.remoteStatic! : this.staticKey.publicKey,
+    );
   }
 
   get usesPsk(): boolean {
@@ -350,7 +392,7 @@ export class HandshakeState {
       switch (token) {
         case 'e': {
           this.ephemeral =
-            this.injectedEphemeral !== undefined ? keyPairFromPrivate(this.injectedEphemeral) : generateKeyPair();
+            this.injectedEphemeral !== undefined ? ephemeralFromPrivate(this.injectedEphemeral) : generateEphemeral();
           parts.push(this.ephemeral.publicKey);
           this.symmetric.mixHash(this.ephemeral.publicKey);
           if (this.usesPsk) this.symmetric.mixKey(this.ephemeral.publicKey);
@@ -421,25 +463,31 @@ export class HandshakeState {
 
   /** The DH for a token, from this side's point of view (first letter = initiator's key). */
   private dhFor(token: Token): Buffer {
-    const localE = (): KeyPair => this.ephemeral ?? fail('no local ephemeral');
-    const remoteE = (): Buffer => this.remoteEphemeral ?? fail('no remote ephemeral');
-    const remoteS = (): Buffer => this.remoteStatic ?? fail('no remote static');
     switch (token) {
       case 'ee':
-        return this.dh(localE().privateKey, remoteE());
+        return this.localE().dh(this.remoteE());
       case 'ss':
-        return this.dh(this.staticKey.privateKey, remoteS());
+        return this.dh(this.staticKey.privateKey, this.remoteS());
       case 'es':
-        return this.initiator
-          ? this.dh(localE().privateKey, remoteS())
-          : this.dh(this.staticKey.privateKey, remoteE());
+        return this.initiator ? this.localE().dh(this.remoteS()) : this.dh(this.staticKey.privateKey, this.remoteE());
       case 'se':
-        return this.initiator
-          ? this.dh(this.staticKey.privateKey, remoteE())
-          : this.dh(localE().privateKey, remoteS());
+        return this.initiator ? this.dh(this.staticKey.privateKey, this.remoteE()) : this.localE().dh(this.remoteS());
       default:
         return fail(`not a DH token: ${token}`);
     }
+  }
+
+  // Methods rather than closures in dhFor: tsx names every closure it creates, which shows up per handshake.
+  private localE(): EphemeralKey {
+    return this.ephemeral ?? fail('no local ephemeral');
+  }
+
+  private remoteE(): Buffer {
+    return this.remoteEphemeral ?? fail('no remote ephemeral');
+  }
+
+  private remoteS(): Buffer {
+    return this.remoteStatic ?? fail('no remote static');
   }
 
   /** The transport keys, oriented for this side. Only after the handshake completed. */
@@ -459,34 +507,50 @@ function fail(why: string): never {
 /**
  * Responder: read message 1 when the initiator may have used either of
  * `patterns` (the pattern is part of the protocol name, so the server cannot
- * know it before it knows the client). Both trials share the DH with the
+ * know it before it knows the client). Both trials share the DHs with the
  * static key, so a garbage message costs one DH, a good one two.
- * Returns the state that authenticated the message, or throws NoiseError.
+ * `known(publicKey)`: DH(our static key, publicKey) when the caller already
+ * has it (see staticShared), else undefined.
+ * Returns the state that authenticated the message, with staticShared =
+ * DH(our static key, the initiator's static key), which is the same in every
+ * handshake between the two keys: a caller may keep it for `known`. Throws
+ * NoiseError.
  */
 export function readInitiation(
   opts: Omit<HandshakeOptions, 'pattern' | 'initiator' | 'remoteStaticKey' | 'dh' | 'psk'>,
   message: Uint8Array,
   patterns: readonly HandshakePattern[],
-): { state: HandshakeState; payload: Buffer } {
-  const memo = new Map<string, Buffer>();
+  known?: (publicKey: Uint8Array) => Buffer | undefined,
+): { state: HandshakeState; payload: Buffer; staticShared: Buffer } {
+  const ourStatic = opts.staticKey.privateKey;
+  /** DH(our static key, public key) by public key (base64). */
+  const withStatic = new Map<string, Buffer>();
   const sharedDh: DhFunction = (priv, pub) => {
-    // Same private key (ours) for every DH in message 1; the public key identifies the result.
-    const id = Buffer.from(priv).toString('hex') + Buffer.from(pub).toString('hex');
-    let out = memo.get(id);
+    // The states made here pass our static key by reference: a DH with any other key is not ours to share.
+    if (priv !== ourStatic) return x25519(priv, pub);
+    const id = Buffer.from(pub.buffer, pub.byteOffset, pub.byteLength).toString('base64');
+    let out = withStatic.get(id);
     if (out === undefined) {
-      out = x25519(priv, pub);
-      memo.set(id, out);
+      out = known?.(pub) ?? x25519(priv, pub);
+      withStatic.set(id, out);
     }
     return out;
   };
-  let lastError: unknown = new NoiseError('no pattern to try');
+  // Made only when every trial failed: an Error captures a stack trace, which is not free per handshake.
+  let lastError: unknown;
   for (const pattern of patterns) {
     const state = new HandshakeState({ ...opts, pattern, initiator: false, dh: sharedDh });
+    let payload: Buffer;
     try {
-      return { state, payload: state.readMessage(message) };
+      payload = state.readMessage(message);
     } catch (err) {
       lastError = err;
+      continue;
     }
+    // Message 1 ended with the ss DH, made through sharedDh with the initiator's static key.
+    const staticShared = withStatic.get(state.remoteStaticKey!.toString('base64'))!;
+    return { state, payload, staticShared };
   }
+  if (lastError === undefined) throw new NoiseError('no pattern to try');
   throw lastError instanceof NoiseError ? lastError : new NoiseError('handshake message rejected', lastError);
 }

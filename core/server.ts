@@ -71,6 +71,14 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
     }
   };
 
+  /** A logger per client name, made once: one per session costs a few microseconds of every handshake. Bounded by the authorized names. */
+  const peerLogs = new Map<string, Logger>();
+  const peerLog = (name: string): Logger => {
+    let peerLogger = peerLogs.get(name);
+    if (peerLogger === undefined) peerLogs.set(name, (peerLogger = log.child(name)));
+    return peerLogger;
+  };
+
   const serve = (session: Session): void => {
     const peer = session.peer as ClientIdentity;
     const started = Date.now();
@@ -82,7 +90,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
       maxPayload: session.maxPayload,
       initialWindow: STREAM_WINDOW,
       lossy: session.lossy === true,
-      log: log.child(peer.name),
+      log: peerLog(peer.name),
       events,
       client: peer.name,
       onOpen(req) {

@@ -15,7 +15,7 @@
  * the platform, `loadSodiumChaCha()` returns null and the plugin uses
  * node:crypto alone.
  */
-import { createRequire } from 'node:module';
+import { sodiumNative } from './sodium.ts';
 
 const TAG_LENGTH = 16;
 const TWO_POW_32 = 0x1_0000_0000;
@@ -40,22 +40,9 @@ export interface SodiumChaCha {
   decryptInto(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out: Uint8Array): boolean;
 }
 
-let loaded: SodiumAead | null | undefined;
-
-function sodium(): SodiumAead | null {
-  if (loaded === undefined) {
-    try {
-      loaded = createRequire(import.meta.url)('sodium-native') as SodiumAead;
-    } catch {
-      loaded = null;
-    }
-  }
-  return loaded;
-}
-
 /** libsodium's ChaCha20-Poly1305, or null when sodium-native cannot load here. */
 export function loadSodiumChaCha(): SodiumChaCha | null {
-  const s = sodium();
+  const s = sodiumNative<SodiumAead>();
   if (s === null) return null;
   const nonce = Buffer.alloc(12);
   const setNonce = (counter: number): void => {

@@ -59,7 +59,8 @@ test('encodeKey / decodeKey round trip; bad keys are refused without echoing the
 test('isInlineKey: keys and near-keys are keys, paths are paths', () => {
   const key = encodeKey(generateKeyPair().publicKey);
   assert.ok(isInlineKey(key));
-  assert.ok(isInlineKey(key.slice(0, 42)), 'a key that lost characters is a malformed key, not a file name');
+  // Fixed, not random: a truncated key that happened to start with "/" would read as an absolute path.
+  assert.ok(isInlineKey(encodeKey(Buffer.alloc(32, 7)).slice(0, 42)), 'a key that lost characters is a malformed key, not a file name');
   for (const p of ['keys/server.key', 'server.pub', '/home/someone/projects/dshield/keys/server', 'keys/client']) {
     assert.not.ok(isInlineKey(p), p);
   }
