@@ -65,6 +65,8 @@ export interface UdpResult {
 }
 
 const DATAGRAM = 1400;
+/** Extra halving steps of the UDP search while no rate has passed yet. */
+const UDP_EXTRA_STEPS = 5;
 
 async function udpStep(bt: BenchTopology, offeredBps: number, seconds: number): Promise<{ pps: number; loss: number; bytes: number }> {
   // -w: 4 MiB socket buffers, so the receiving iperf3's scheduling hiccups are not counted as the system's loss.
@@ -78,7 +80,8 @@ async function udpStep(bt: BenchTopology, offeredBps: number, seconds: number): 
 /**
  * Packets per second of 1400-byte datagrams at < 1 % loss: an unlimited
  * probe says what gets through; then offered rates step down from just
- * under that until the loss is under 1 % (at most `steps` steps).
+ * under that until the loss is under 1 % (`steps` steps, and up to
+ * UDP_EXTRA_STEPS more, halving the rate, while none has passed).
  */
 export async function udpSearch(bt: BenchTopology, seconds: number, steps: number): Promise<UdpResult> {
   const probe = await udpStep(bt, 0, seconds);
@@ -87,7 +90,9 @@ export async function udpSearch(bt: BenchTopology, seconds: number, steps: numbe
   let offered = probe.pps * DATAGRAM * 8 * (probe.loss < 1 ? 1.1 : 0.95);
   let best: { pps: number; loss: number; offered: number } | undefined;
   let lower = 0;
-  for (let i = 0; i < steps; i++) {
+  // Until one rate passes, keep stepping down (a bounded number of extra steps):
+  // "0 pps" would otherwise mean only that the search gave up too early.
+  for (let i = 0; i < steps || (best === undefined && i < steps + UDP_EXTRA_STEPS); i++) {
     const step = await udpStep(bt, offered, seconds);
     bytes += step.bytes;
     trail.push({ offered, pps: step.pps, loss: step.loss });
@@ -101,7 +106,7 @@ export async function udpSearch(bt: BenchTopology, seconds: number, steps: numbe
       offered = (offered + upper) / 2;
     } else {
       // What got through at this rate is the best guess of capacity: aim just under it.
-      offered = lower > 0 ? (lower + offered) / 2 : Math.min(offered * 0.8, step.pps * DATAGRAM * 8 * 0.95);
+      offered = lower > 0 ? (lower + offered) / 2 : Math.min(offered * (i >= steps ? 0.5 : 0.8), step.pps * DATAGRAM * 8 * 0.95);
       if (lower > 0 && offered / lower < 1.05) break;
     }
   }

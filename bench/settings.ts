@@ -37,7 +37,8 @@ export const SETTINGS = {
   requests: 200,
   /** Bytes per proxy download/upload. */
   proxyBytes: (QUICK ? 64 : 1024) * 1024 * 1024,
-  idleStreams: QUICK ? 2_000 : 10_000,
+  // The target is stated at 10,000: quick mode measures there too (about a minute).
+  idleStreams: 10_000,
   activeStreams: 1_000,
   activeSeconds: QUICK ? 5 : 10,
   handshakeSeconds: QUICK ? 4 : 8,
