@@ -43,8 +43,12 @@ export async function createBenchTopology(): Promise<BenchTopology> {
     await web.waitFor(/^READY$/m, 30_000);
     await iperf.waitFor(/Server listening/, 10_000);
     // Larger socket buffers for every system alike (the kernel defaults cap UDP bursts).
+    // The scale test opens 10,000 connections to one port per run, several runs in a row: with
+    // the default port range and TIME_WAIT rules the server namespace ran out of source ports
+    // (SOCKS5 0x04 from EADDRNOTAVAIL), so every namespace gets a wide range and TIME_WAIT reuse.
     for (const ns of Object.values(topo.ns)) {
       await exec(ns, 'sysctl', ['-qw', 'net.core.rmem_max=8388608', 'net.core.wmem_max=8388608'], { allowFail: true });
+      await exec(ns, 'sysctl', ['-qw', 'net.ipv4.ip_local_port_range=1024 65535', 'net.ipv4.tcp_tw_reuse=1', 'net.core.somaxconn=16384'], { allowFail: true });
     }
     const bt: BenchTopology = {
       topo,
