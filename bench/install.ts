@@ -5,8 +5,7 @@
  * the systems needing it are skipped.
  */
 import { execFile } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
-import { join } from 'node:path';
+import { hasTool } from '../test/helpers/netns.ts';
 
 /** Tool -> Debian 12 package. */
 export const PACKAGE_OF: Record<string, string> = {
@@ -24,18 +23,6 @@ export const PACKAGE_OF: Record<string, string> = {
   ip: 'iproute2',
   taskset: 'util-linux',
 };
-
-export function hasTool(tool: string): boolean {
-  for (const dir of (process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin').split(':')) {
-    try {
-      accessSync(join(dir, tool), constants.X_OK);
-      return true;
-    } catch {
-      // keep looking
-    }
-  }
-  return false;
-}
 
 function sh(cmd: string, args: string[], timeoutMs: number): Promise<{ code: number; out: string }> {
   return new Promise((resolve) => {

@@ -189,6 +189,13 @@ class IndexTable {
   delete(index: number): void {
     this.map.delete(index);
   }
+
+  /** A MSG_DATA datagram: to the session its receiver index names, if any (else dropped). */
+  deliverData(data: Buffer, from: string): void {
+    if (data.length < MIN_DATA) return;
+    const entry = this.map.get(data.readUInt32LE(1));
+    if (entry) entry.session.onDataRecord(entry.keypair, data, from);
+  }
 }
 
 function readCounter(data: Buffer, at: number): number {
@@ -821,9 +828,7 @@ export function connectDatagramSession(endpoint: DatagramEndpoint, serverAddress
         if (data.length === 0) return;
         const type = data[0];
         if (type === MSG_DATA) {
-          if (data.length < MIN_DATA) return;
-          const entry = indices.get(data.readUInt32LE(1));
-          if (entry) entry.session.onDataRecord(entry.keypair, data, from);
+          indices.deliverData(data, from);
         } else if (type === MSG_RESPONSE && !settled) {
           onResponse(data);
         }
@@ -1056,9 +1061,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
       if (data.length === 0) return;
       const type = data[0];
       if (type === MSG_DATA) {
-        if (data.length < MIN_DATA) return;
-        const entry = indices.get(data.readUInt32LE(1));
-        if (entry) entry.session.onDataRecord(entry.keypair, data, from);
+        indices.deliverData(data, from);
       } else if (type === MSG_INITIATION) {
         try {
           onInitiation(data, from);

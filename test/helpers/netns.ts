@@ -60,7 +60,8 @@ const PACKAGE_OF: Record<string, string> = {
   unshare: 'util-linux',
 };
 
-function findInPath(tool: string): boolean {
+/** True when `tool` is an executable on PATH (or the usual sbin/bin directories). */
+export function hasTool(tool: string): boolean {
   for (const dir of (process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin').split(':')) {
     try {
       accessSync(join(dir, tool), constants.X_OK);
@@ -84,7 +85,7 @@ export function canRunNetns(tools: string[] = DEFAULT_TOOLS): string | undefined
   } catch {
     return 'needs /dev/net/tun (modprobe tun; in a container: --device /dev/net/tun)';
   }
-  const missing = tools.filter((t) => !findInPath(t));
+  const missing = tools.filter((t) => !hasTool(t));
   if (missing.length > 0) {
     const pkgs = [...new Set(missing.map((t) => PACKAGE_OF[t] ?? t))];
     return `needs ${missing.join(', ')} (apt-get install ${pkgs.join(' ')})`;
