@@ -14,6 +14,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { createSocket } from 'node:dgram';
 import { connect, createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -330,6 +331,100 @@ test('multi-queue: N queues are N fds on one device, and traffic flows', async (
   assert.ok(seen.requests.length >= 8);
   await dev.close();
   assert.not.ok(await linkExists(dev.name));
+});
+
+/** Sequence numbers (first 4 payload bytes) of the UDP packets to port 9 that reach `dev`, in arrival order. */
+function udpSequences(dev: TunDevice): number[] {
+  const seqs: number[] = [];
+  dev.onPacket((p) => {
+    if (p[0]! >> 4 === 4 && p[9] === 17 && p.readUInt16BE(22) === 9 && p.length >= 32) seqs.push(p.readUInt32BE(28));
+  });
+  return seqs;
+}
+
+async function waitFor(what: string, ok: () => boolean, ms = 3_000, everyMs = 5): Promise<void> {
+  await withTimeout(
+    (async () => {
+      while (!ok()) await new Promise((r) => setTimeout(r, everyMs));
+    })(),
+    ms,
+    what,
+  );
+}
+
+test('packets one at a time are read on the main thread; a burst goes to the pump and back, in order', async () => {
+  const dev = await withTimeout(openTun({ name: 'dshrd%d' }), 20_000, 'openTun');
+  cleanups.push(() => dev.close());
+  await run('ip', ['addr', 'add', '10.13.0.1/24', 'dev', dev.name]);
+  await run('ip', ['link', 'set', dev.name, 'up']);
+  const seqs = udpSequences(dev);
+  const sock = createSocket('udp4');
+  cleanups.push(() => sock.close());
+  const send = (seq: number) => {
+    const b = Buffer.alloc(64);
+    b.writeUInt32BE(seq, 0);
+    sock.send(b, 9, '10.13.0.2');
+  };
+  let seq = 0;
+  const sparse = async (n: number) => {
+    for (let i = 0; i < n; i++) {
+      send(seq++);
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  };
+
+  await sparse(5);
+  await waitFor('the sparse packets', () => seqs.length === 5);
+  let s = dev.stats();
+  assert.is(s.rxDirect, s.rxPackets, `one at a time, the main thread reads them all: ${JSON.stringify(s)}`);
+
+  // A burst: 40 x 50 packets, yielding between chunks so both readers get turns.
+  for (let chunk = 0; chunk < 40; chunk++) {
+    for (let i = 0; i < 50; i++) send(seq++);
+    await new Promise((r) => setImmediate(r));
+  }
+  const burstEnd = seq;
+  // Settled: nothing new for 100 ms (the kernel may have dropped some of the burst).
+  let last = -1;
+  await waitFor('the burst to settle', () => {
+    const done = seqs.length === last;
+    last = seqs.length;
+    return done;
+  }, 5_000, 100);
+  s = dev.stats();
+  assert.ok(s.rxPackets - s.rxDirect > 0, `the pump read part of the burst: ${JSON.stringify(s)}`);
+  assert.ok(seqs.length > 500, `most of the burst arrived (${seqs.length} of ${burstEnd})`);
+  for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `in order: ${seqs[i - 1]} then ${seqs[i]} at ${i}`);
+
+  // Quiet for longer than the pump's hand-back time: the main thread reads again.
+  const directBefore = s.rxDirect;
+  const seen = seqs.length;
+  await sparse(5);
+  await waitFor('the sparse packets after the burst', () => seqs.length === seen + 5);
+  assert.is(dev.stats().rxDirect, directBefore + 5, `read on the main thread again: ${JSON.stringify(dev.stats())}`);
+  await dev.close();
+});
+
+test('mainThreadReads: false leaves every read to the pump', async () => {
+  const dev = await withTimeout(openTun({ name: 'dshrp%d', mainThreadReads: false }), 20_000, 'openTun');
+  cleanups.push(() => dev.close());
+  await run('ip', ['addr', 'add', '10.14.0.1/24', 'dev', dev.name]);
+  await run('ip', ['link', 'set', dev.name, 'up']);
+  const seqs = udpSequences(dev);
+  const sock = createSocket('udp4');
+  cleanups.push(() => sock.close());
+  for (let i = 0; i < 5; i++) {
+    const b = Buffer.alloc(64);
+    b.writeUInt32BE(i, 0);
+    sock.send(b, 9, '10.14.0.2');
+    await new Promise((r) => setTimeout(r, 30)); // longer than the hand-back time
+  }
+  await waitFor('the packets', () => seqs.length === 5);
+  assert.equal(seqs, [0, 1, 2, 3, 4]);
+  const s = dev.stats();
+  assert.is(s.rxDirect, 0, JSON.stringify(s));
+  assert.ok(s.rxPackets >= 5, JSON.stringify(s));
+  await dev.close();
 });
 
 test('a device deleted from outside reports a DshieldError through onError', async () => {

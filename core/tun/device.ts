@@ -13,6 +13,13 @@
  * neither a syscall nor a message per packet. Writes are queued into a
  * bounded ring: `write` says when to back off, memory never grows.
  *
+ * Packets that come one at a time skip the pump, because a hand-off between
+ * threads costs a wake-up (0.1-0.4 ms): the main thread reads the fd on its
+ * own event loop (main-reader.ts) until MAIN_READ_BURST packets come within
+ * a millisecond, then hands reading to the pump, which hands it back after
+ * PUMP_HAND_BACK_MS of quiet; and write() writes the first packet after a
+ * pause itself.
+ *
  * The device is not persistent: when the last fd closes (close(), or the
  * process dies however it dies) the kernel removes it, with its addresses
  * and routes.
@@ -33,7 +40,19 @@ import {
   TUNSETIFF,
   libc,
 } from './libc.ts';
-import { CTRL_ENDED, CTRL_ERRNO, CTRL_SLOTS, CTRL_STOP, CTRL_TX_ERRORS, type PumpData } from './pump-protocol.ts';
+import { openMainReader, type MainReader } from './main-reader.ts';
+import {
+  CTRL_ENDED,
+  CTRL_ERRNO,
+  CTRL_READER,
+  CTRL_SLOTS,
+  CTRL_STOP,
+  CTRL_TX_ERRORS,
+  READER_MAIN,
+  READER_PUMP,
+  READER_PUMP_ONLY,
+  type PumpData,
+} from './pump-protocol.ts';
 import { createWakeFd, TunQueueIo, wake } from './queue-io.ts';
 import { PacketRing } from './ring.ts';
 import { startTsWorker } from './ts-worker.ts';
@@ -41,6 +60,8 @@ import { startTsWorker } from './ts-worker.ts';
 export const DEFAULT_TUN_NAME = 'dshield%d';
 /** A packet this long after the previous one on its queue is written directly by the main thread (see write()). */
 const DIRECT_WRITE_GAP_MS = 1;
+/** This many packets read by the main thread within 1 ms hand reading to the pump. */
+const MAIN_READ_BURST = 16;
 /** The kernel's limit for multi-queue TUN devices. */
 export const MAX_TUN_QUEUES = 256;
 const TUN_PATH = '/dev/net/tun';
@@ -189,6 +210,8 @@ export function openTunQueues(opts: TunOptions = {}): TunQueues {
 export interface TunStats {
   /** Packets delivered to onPacket. */
   rxPackets: number;
+  /** Of those, packets the main thread read itself (packets coming one at a time). */
+  rxDirect: number;
   /** Packets accepted by write(). */
   txPackets: number;
   /** Packets write() dropped because the queue was full. */
@@ -230,6 +253,11 @@ export interface OpenTunOptions extends TunOptions {
    * send ring at least 4 KiB, and then takes packets up to half its size.
    */
   ringBytes?: number;
+  /**
+   * Let the main thread read packets that come one at a time (lower
+   * latency; see main-reader.ts). Default true; false: the pumps read all.
+   */
+  mainThreadReads?: boolean;
 }
 
 // Atomics.waitAsync is in Node 20 (V8) but not in the ES2022 lib typings.
@@ -263,6 +291,11 @@ interface QueueState {
   direct: TunQueueIo;
   /** performance.now() of the last packet written to this queue either way. */
   lastWriteAt: number;
+  /** Reads the fd on the main event loop while CTRL_READER is READER_MAIN; undefined: the pump always reads. */
+  reader: MainReader | undefined;
+  /** performance.now() when the current 1 ms window of main-thread reads began, and the reads in it. */
+  burstStart: number;
+  burstCount: number;
   exited: Promise<void>;
   /** The pump's last words, when it ended on an error. */
   endReason?: string;
@@ -285,7 +318,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
   let errorHandler: ((err: DshieldError) => void) | undefined;
   let closing = false;
   let closedPromise: Promise<void> | undefined;
-  const stats = { rxPackets: 0, txPackets: 0, txDropped: 0 };
+  const stats = { rxPackets: 0, rxDirect: 0, txPackets: 0, txDropped: 0 };
   /** Packets the kernel refused when written directly (the pumps count theirs in CTRL_TX_ERRORS). */
   let directTxErrors = 0;
 
@@ -295,12 +328,31 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
       const rx = PacketRing.create(Math.max(ringBytes, 4 * maxPacket));
       const tx = PacketRing.create(ringBytes);
       const ctrlSab = new SharedArrayBuffer(CTRL_SLOTS * 4);
+      const ctrl = new Int32Array(ctrlSab);
+      const q: QueueState = {
+        index: i,
+        rx,
+        tx,
+        ctrl,
+        wakeFd,
+        fd: tun.fds[i]!,
+        flushScheduled: false,
+        txBlocked: false,
+        direct: new TunQueueIo(tun.fds[i]!, wakeFd),
+        lastWriteAt: 0,
+        reader: undefined,
+        burstStart: 0,
+        burstCount: 0,
+        exited: Promise.resolve(),
+      };
+      if (opts.mainThreadReads !== false) q.reader = openMainReader(q.fd, maxPacket, { onPacket: (p) => readDirect(q, p), onError: () => handToPump(q) });
+      Atomics.store(ctrl, CTRL_READER, q.reader ? READER_MAIN : READER_PUMP_ONLY);
+      queues.push(q);
       const data: PumpData = { fd: tun.fds[i]!, wakeFd, maxPacket, rx: rx.sab, tx: tx.sab, ctrl: ctrlSab };
       // The main thread keeps owning both fds (see close()).
       const worker = startTsWorker(new URL('./queue-worker.ts', import.meta.url), { workerData: data, name: `tun-${tun.name}-q${i}` });
       workers.push(worker);
-      const exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()));
-      queues.push({ index: i, rx, tx, ctrl: new Int32Array(ctrlSab), wakeFd, fd: tun.fds[i]!, flushScheduled: false, txBlocked: false, direct: new TunQueueIo(tun.fds[i]!, wakeFd), lastWriteAt: 0, exited });
+      q.exited = new Promise<void>((resolve) => worker.once('exit', () => resolve()));
     }
     // A worker that cannot start (loader, koffi) fails here, not later.
     await Promise.all(
@@ -315,6 +367,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     );
   } catch (err) {
     for (const q of queues) {
+      q.reader?.close();
       Atomics.store(q.ctrl, CTRL_STOP, 1);
       wake(q.wakeFd);
     }
@@ -366,6 +419,30 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     }
   };
 
+  /** A packet the main thread read itself; false when it handed reading to the pump. */
+  function readDirect(q: QueueState, packet: Buffer): boolean {
+    stats.rxDirect++;
+    deliver(packet);
+    const now = performance.now();
+    if (now - q.burstStart >= 1) {
+      q.burstStart = now;
+      q.burstCount = 0;
+    }
+    if (++q.burstCount < MAIN_READ_BURST) return true;
+    // Coming fast: the pump's core does the reads. This thread reads no more
+    // (the reader stops before its next read), so the order is kept.
+    Atomics.store(q.ctrl, CTRL_READER, READER_PUMP);
+    wake(q.wakeFd);
+    return false;
+  }
+
+  /** The main reader failed: the pump reads from now on (and reports the fd's error if it is real). */
+  function handToPump(q: QueueState): void {
+    q.reader = undefined;
+    Atomics.store(q.ctrl, CTRL_READER, READER_PUMP_ONLY);
+    wake(q.wakeFd);
+  }
+
   const checkDrain = (q: QueueState) => {
     if (q.txBlocked && q.tx.free >= q.tx.capacity / 2) {
       q.txBlocked = false;
@@ -380,6 +457,8 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     if (packetHandler) {
       q.rx.consume(deliver, DELIVER_PER_TURN);
       if (q.rx.takeProducerWaiting()) wake(q.wakeFd);
+      // The pump handed reading back: what it read is delivered, so this thread may go on.
+      if (q.reader && !q.rx.hasData && Atomics.load(q.ctrl, CTRL_READER) === READER_MAIN) q.reader.start();
     }
     checkDrain(q);
     if (packetHandler && q.rx.hasData) {
@@ -450,6 +529,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     if (closedPromise) return closedPromise;
     closing = true;
     for (const q of queues) {
+      q.reader?.close();
       Atomics.store(q.ctrl, CTRL_STOP, 1);
       wake(q.wakeFd);
     }

@@ -1,7 +1,7 @@
 /**
  * The few libc calls TUN mode needs that Node does not offer: ioctl (to
- * create the device and set its MTU), poll, eventfd, and read/write that
- * report EAGAIN as a return value instead of a thrown Error.
+ * create the device and set its MTU), poll, eventfd, fcntl (dup), and
+ * read/write that report EAGAIN as a return value instead of a thrown Error.
  *
  * Loaded lazily through koffi (an FFI with prebuilt binaries), so proxy mode
  * and non-Linux systems never load it. Safe to call from any thread: each
@@ -25,6 +25,8 @@ export interface Libc {
   eventfd(initval: number, flags: number): number;
   socket(domain: number, type: number, protocol: number): number;
   close(fd: number): number;
+  /** fcntl(fd, cmd, arg) with an int argument (F_DUPFD_CLOEXEC); -1 with errno on failure. */
+  fcntlInt(fd: number, cmd: number, arg: number): number;
   /** errno of the last failed call on this thread. */
   errno(): number;
   /** The symbolic name of an errno value ("EPERM"), or "errno N". */
@@ -53,6 +55,8 @@ export const EFD_CLOEXEC = 0o2000000;
 export const AF_INET = 2;
 export const SOCK_DGRAM = 2;
 export const SOCK_CLOEXEC = 0o2000000;
+/** fcntl: duplicate to the lowest free fd >= arg, close-on-exec. */
+export const F_DUPFD_CLOEXEC = 1030;
 export const EAGAIN = 11;
 export const EINTR = 4;
 
@@ -92,6 +96,7 @@ export function libc(): Libc {
   const eventfd = lib.func('int eventfd(unsigned int initval, int flags)');
   const socket = lib.func('int socket(int domain, int type, int protocol)');
   const close = lib.func('int close(int fd)');
+  const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
   const names = new Map<number, string>();
   for (const [name, value] of Object.entries(koffi.os.errno as Record<string, number>)) {
     if (!names.has(value)) names.set(value, name);
@@ -104,6 +109,7 @@ export function libc(): Libc {
     eventfd: (initval, flags) => eventfd(initval, flags) as number,
     socket: (domain, type, protocol) => socket(domain, type, protocol) as number,
     close: (fd) => close(fd) as number,
+    fcntlInt: (fd, cmd, arg) => fcntl(fd, cmd, 'int', arg) as number,
     errno: () => koffi.errno(),
     errnoName: (code) => names.get(code) ?? `errno ${code}`,
   };

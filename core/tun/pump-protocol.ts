@@ -24,6 +24,19 @@ export const CTRL_STOP = 0;
 export const CTRL_ENDED = 1;
 /** Packets the kernel refused on write (malformed, device down). */
 export const CTRL_TX_ERRORS = 2;
+/**
+ * Who reads the TUN fd: READER_MAIN (the main thread's event loop, while
+ * packets come one at a time; see main-reader.ts) or READER_PUMP. Main hands
+ * reading to the pump when packets come fast; the pump hands it back after
+ * PUMP_HAND_BACK_MS without a packet. Each side changes it only while it is
+ * the reader, and stops reading before it does, so packets keep their order.
+ * READER_PUMP_ONLY: the main thread cannot read this fd; the pump never hands back.
+ */
+export const CTRL_READER = 3;
+export const READER_MAIN = 0;
+export const READER_PUMP = 1;
+export const READER_PUMP_ONLY = 2;
+export const PUMP_HAND_BACK_MS = 20;
 /** errno of the fatal error, -1 if it was not a syscall error. */
 export const CTRL_ERRNO = 4;
 export const CTRL_SLOTS = 8;

@@ -4,6 +4,10 @@
  *   TUN fd --read--> rx ring --(Atomics.notify)--> main thread onPacket
  *   main thread write() --> tx ring --(eventfd wake)--> write --> TUN fd
  *
+ * The pump reads only while CTRL_READER says so (packets coming fast); when
+ * none came for PUMP_HAND_BACK_MS it hands reading back to the main thread,
+ * whose event loop then reads the fd itself (main-reader.ts).
+ *
  * The loop blocks in poll(2) only when there is nothing to do, so under load
  * neither side pays for a wake-up: packets that arrive while the other side is
  * busy are handed over in one go. When the rx ring is full the pump stops
@@ -16,7 +20,17 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { TunQueueIo } from './queue-io.ts';
 import { PacketRing } from './ring.ts';
-import { CTRL_ENDED, CTRL_ERRNO, CTRL_STOP, CTRL_TX_ERRORS, type PumpData } from './pump-protocol.ts';
+import {
+  CTRL_ENDED,
+  CTRL_ERRNO,
+  CTRL_READER,
+  CTRL_STOP,
+  CTRL_TX_ERRORS,
+  PUMP_HAND_BACK_MS,
+  READER_MAIN,
+  READER_PUMP,
+  type PumpData,
+} from './pump-protocol.ts';
 
 const data = workerData as PumpData;
 const io = new TunQueueIo(data.fd, data.wakeFd);
@@ -42,9 +56,11 @@ function run(): void {
     if (written > 0 && tx.takeProducerWaiting()) notifyMain();
 
     // TUN -> main thread: drain what the kernel has queued, up to a batch.
+    const reader = Atomics.load(ctrl, CTRL_READER);
+    const reading = reader !== READER_MAIN;
     let got = 0;
     rxBlocked = false;
-    while (got < BATCH) {
+    while (reading && got < BATCH) {
       let slot = rx.reserve(data.maxPacket);
       if (slot === null) {
         rx.markProducerWaiting();
@@ -65,7 +81,13 @@ function run(): void {
     // Nothing left: sleep until the fd is readable or main wakes us (tx data,
     // rx space, stop). The flag + re-check pairs with main's publish().
     if (!tx.prepareToWait()) continue;
-    io.wait(!rxBlocked);
+    if (!reading) io.wait(false);
+    else if (reader !== READER_PUMP || rxBlocked) io.wait(!rxBlocked);
+    else if (io.wait(true, PUMP_HAND_BACK_MS) === 'timeout') {
+      // Quiet: the main thread reads again (it drains the ring first).
+      Atomics.store(ctrl, CTRL_READER, READER_MAIN);
+      notifyMain();
+    }
     tx.doneWaiting();
   }
 }
