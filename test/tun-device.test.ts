@@ -405,6 +405,53 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
   await dev.close();
 });
 
+test('packets written one at a time are written by the main thread; a burst goes through the pump, in order', async () => {
+  const dev = await withTimeout(openTun({ name: 'dshwr%d' }), 20_000, 'openTun');
+  cleanups.push(() => dev.close());
+  await run('ip', ['addr', 'add', '10.15.0.1/24', 'dev', dev.name]);
+  await run('ip', ['link', 'set', dev.name, 'up']);
+  const sock = createSocket('udp4');
+  cleanups.push(() => sock.close());
+  const seqs: number[] = [];
+  sock.on('message', (m) => seqs.push(m.readUInt32BE(0)));
+  await new Promise<void>((r) => sock.bind(0, '10.15.0.1', () => r()));
+  const port = sock.address().port;
+  // 10.15.0.2:4000 -> us, with a sequence number (UDP checksum 0: none, allowed for IPv4).
+  const packet = (seq: number) => {
+    const p = udpPacket([10, 15, 0, 1], 64);
+    p.set([10, 15, 0, 2], 12);
+    p.writeUInt16BE(0, 10);
+    p.writeUInt16BE(checksum([p.subarray(0, 20)]), 10);
+    p.writeUInt16BE(port, 22);
+    p.writeUInt32BE(seq, 28);
+    return p;
+  };
+  let seq = 0;
+  const sparse = async (n: number) => {
+    for (let i = 0; i < n; i++) {
+      dev.write(packet(seq++));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  };
+
+  await sparse(5);
+  await waitFor('the sparse packets', () => seqs.length === 5);
+  assert.is(dev.stats().txDirect, 5, `one at a time, the main thread writes them: ${JSON.stringify(dev.stats())}`);
+
+  for (let i = 0; i < 300; i++) assert.ok(dev.write(packet(seq++)), `write ${i} accepted`);
+  await waitFor('the burst', () => seqs.length === 305);
+  const s = dev.stats();
+  assert.ok(s.txDirect < 5 + 300 && s.txDirect >= 5, `the pump wrote most of the burst: ${JSON.stringify(s)}`);
+  assert.equal(seqs, [...Array(305).keys()], 'in order');
+
+  await new Promise((r) => setTimeout(r, 20));
+  const before = dev.stats().txDirect;
+  await sparse(5);
+  await waitFor('the sparse packets after the burst', () => seqs.length === 310);
+  assert.is(dev.stats().txDirect, before + 5, `written by the main thread again: ${JSON.stringify(dev.stats())}`);
+  await dev.close();
+});
+
 test('mainThreadReads: false leaves every read to the pump', async () => {
   const dev = await withTimeout(openTun({ name: 'dshrp%d', mainThreadReads: false }), 20_000, 'openTun');
   cleanups.push(() => dev.close());

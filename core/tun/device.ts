@@ -15,10 +15,11 @@
  *
  * Packets that come one at a time skip the pump, because a hand-off between
  * threads costs a wake-up (0.1-0.4 ms): the main thread reads the fd on its
- * own event loop (main-reader.ts) until MAIN_READ_BURST packets come within
- * a millisecond, then hands reading to the pump, which hands it back after
- * PUMP_HAND_BACK_MS of quiet; and write() writes the first packet after a
- * pause itself.
+ * own event loop (main-reader.ts) until BURST packets come within a
+ * millisecond, then hands reading to the pump, which hands it back after
+ * PUMP_HAND_BACK_MS of quiet; and write() writes packets itself until BURST
+ * of them come within a millisecond, then queues them for the pump for as
+ * long as every millisecond brings that many.
  *
  * The device is not persistent: when the last fd closes (close(), or the
  * process dies however it dies) the kernel removes it, with its addresses
@@ -58,10 +59,8 @@ import { PacketRing } from './ring.ts';
 import { startTsWorker } from './ts-worker.ts';
 
 export const DEFAULT_TUN_NAME = 'dshield%d';
-/** A packet this long after the previous one on its queue is written directly by the main thread (see write()). */
-const DIRECT_WRITE_GAP_MS = 1;
-/** This many packets read by the main thread within 1 ms hand reading to the pump. */
-const MAIN_READ_BURST = 16;
+/** Packets per millisecond on a queue from which its pump does the reads or the writes. */
+const BURST = 16;
 /** The kernel's limit for multi-queue TUN devices. */
 export const MAX_TUN_QUEUES = 256;
 const TUN_PATH = '/dev/net/tun';
@@ -214,6 +213,8 @@ export interface TunStats {
   rxDirect: number;
   /** Packets accepted by write(). */
   txPackets: number;
+  /** Of those, packets the main thread wrote itself (packets coming one at a time). */
+  txDirect: number;
   /** Packets write() dropped because the queue was full. */
   txDropped: number;
   /** Packets the kernel refused (malformed, device down). */
@@ -267,6 +268,29 @@ const waitAsync = (
   }
 ).waitAsync;
 
+/**
+ * Counts events in windows of 1 ms and says whether they come in bursts:
+ * `burst` or more in the current window, or in the window just before it.
+ */
+class BurstMeter {
+  private start = -Infinity;
+  private count = 0;
+  private busy = false;
+
+  constructor(private readonly burst: number) {}
+
+  /** Count one event at `now` (performance.now()); true while events come in bursts. */
+  tick(now: number): boolean {
+    if (now - this.start >= 1) {
+      this.busy = this.count >= this.burst && now - this.start < 2;
+      this.start = now;
+      this.count = 0;
+    }
+    if (++this.count >= this.burst) this.busy = true;
+    return this.busy;
+  }
+}
+
 function closeQuietly(fd: number): void {
   try {
     closeSync(fd);
@@ -289,13 +313,12 @@ interface QueueState {
   txBlocked: boolean;
   /** The main thread's own handle on the fd, for packets written directly (see write()). */
   direct: TunQueueIo;
-  /** performance.now() of the last packet written to this queue either way. */
-  lastWriteAt: number;
+  /** Writes to this queue: busy when they come in bursts (then through the pump). */
+  writes: BurstMeter;
   /** Reads the fd on the main event loop while CTRL_READER is READER_MAIN; undefined: the pump always reads. */
   reader: MainReader | undefined;
-  /** performance.now() when the current 1 ms window of main-thread reads began, and the reads in it. */
-  burstStart: number;
-  burstCount: number;
+  /** Reads by the main thread: a burst hands reading to the pump. */
+  reads: BurstMeter;
   exited: Promise<void>;
   /** The pump's last words, when it ended on an error. */
   endReason?: string;
@@ -318,7 +341,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
   let errorHandler: ((err: DshieldError) => void) | undefined;
   let closing = false;
   let closedPromise: Promise<void> | undefined;
-  const stats = { rxPackets: 0, rxDirect: 0, txPackets: 0, txDropped: 0 };
+  const stats = { rxPackets: 0, rxDirect: 0, txPackets: 0, txDirect: 0, txDropped: 0 };
   /** Packets the kernel refused when written directly (the pumps count theirs in CTRL_TX_ERRORS). */
   let directTxErrors = 0;
 
@@ -339,10 +362,9 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
         flushScheduled: false,
         txBlocked: false,
         direct: new TunQueueIo(tun.fds[i]!, wakeFd),
-        lastWriteAt: 0,
+        writes: new BurstMeter(BURST),
         reader: undefined,
-        burstStart: 0,
-        burstCount: 0,
+        reads: new BurstMeter(BURST),
         exited: Promise.resolve(),
       };
       if (opts.mainThreadReads !== false) q.reader = openMainReader(q.fd, maxPacket, { onPacket: (p) => readDirect(q, p), onError: () => handToPump(q) });
@@ -423,12 +445,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
   function readDirect(q: QueueState, packet: Buffer): boolean {
     stats.rxDirect++;
     deliver(packet);
-    const now = performance.now();
-    if (now - q.burstStart >= 1) {
-      q.burstStart = now;
-      q.burstCount = 0;
-    }
-    if (++q.burstCount < MAIN_READ_BURST) return true;
+    if (!q.reads.tick(performance.now())) return true;
     // Coming fast: the pump's core does the reads. This thread reads no more
     // (the reader stops before its next read), so the order is kept.
     Atomics.store(q.ctrl, CTRL_READER, READER_PUMP);
@@ -495,17 +512,17 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
   const write = (packet: Uint8Array): boolean => {
     if (closing) return false;
     const q = pickQueue(packet);
-    const now = performance.now();
-    const idle = now - q.lastWriteAt >= DIRECT_WRITE_GAP_MS;
-    q.lastWriteAt = now;
-    // The first packet after a pause is written from here: handing it to the
-    // pump costs a wake-up of an idle thread (0.1-0.4 ms measured), which was
-    // most of a ping's added RTT. With nothing queued (the pump publishes the
-    // ring's tail only after writing its batch) order is kept. A stream of
-    // packets goes through the ring, so the pump's core does the syscalls.
-    if (idle && !q.flushScheduled && !q.tx.hasData) {
-      if (q.direct.write(packet)) stats.txPackets++;
-      else directTxErrors++;
+    const busy = q.writes.tick(performance.now());
+    // Packets that come one at a time are written from here: handing one to
+    // the pump costs a wake-up of an idle thread (0.1-0.4 ms measured). With
+    // nothing queued (the pump publishes the ring's tail only after writing
+    // its batch) order is kept. A stream of packets goes through the ring, so
+    // the pump's core does those syscalls.
+    if (!busy && !q.flushScheduled && !q.tx.hasData) {
+      if (q.direct.write(packet)) {
+        stats.txPackets++;
+        stats.txDirect++;
+      } else directTxErrors++;
       return true;
     }
     const ok = q.tx.push(packet);
