@@ -342,13 +342,27 @@ function udpSequences(dev: TunDevice): number[] {
   return seqs;
 }
 
+/** Polls `ok` every `everyMs` until it holds; throws after `ms` (and stops polling). */
 async function waitFor(what: string, ok: () => boolean, ms = 3_000, everyMs = 5): Promise<void> {
-  await withTimeout(
-    (async () => {
-      while (!ok()) await new Promise((r) => setTimeout(r, everyMs));
-    })(),
-    ms,
+  const deadline = Date.now() + ms;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** Waits until `count()` stops changing for `quietMs` (bounded by `ms`). */
+async function waitSettled(what: string, count: () => number, ms = 5_000, quietMs = 100): Promise<void> {
+  let last = -1;
+  await waitFor(
     what,
+    () => {
+      const done = count() === last;
+      last = count();
+      return done;
+    },
+    ms,
+    quietMs,
   );
 }
 
@@ -384,16 +398,11 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
     await new Promise((r) => setImmediate(r));
   }
   const burstEnd = seq;
-  // Settled: nothing new for 100 ms (the kernel may have dropped some of the burst).
-  let last = -1;
-  await waitFor('the burst to settle', () => {
-    const done = seqs.length === last;
-    last = seqs.length;
-    return done;
-  }, 5_000, 100);
+  // The kernel's queue for the device (500 packets) drops what does not fit.
+  await waitSettled('the burst to settle', () => seqs.length);
   s = dev.stats();
   assert.ok(s.rxPackets - s.rxDirect > 0, `the pump read part of the burst: ${JSON.stringify(s)}`);
-  assert.ok(seqs.length > 500, `most of the burst arrived (${seqs.length} of ${burstEnd})`);
+  assert.ok(seqs.length > 100, `the burst arrived (${seqs.length} of ${burstEnd})`);
   for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `in order: ${seqs[i - 1]} then ${seqs[i]} at ${i}`);
 
   // Quiet for longer than the pump's hand-back time: the main thread reads again.
@@ -438,16 +447,17 @@ test('packets written one at a time are written by the main thread; a burst goes
   await waitFor('the sparse packets', () => seqs.length === 5);
   assert.is(dev.stats().txDirect, 5, `one at a time, the main thread writes them: ${JSON.stringify(dev.stats())}`);
 
-  for (let i = 0; i < 300; i++) assert.ok(dev.write(packet(seq++)), `write ${i} accepted`);
-  await waitFor('the burst', () => seqs.length === 305);
+  // 100 small packets fit the socket's receive buffer, which this thread drains only after the loop.
+  for (let i = 0; i < 100; i++) assert.ok(dev.write(packet(seq++)), `write ${i} accepted`);
+  await waitSettled('the burst', () => seqs.length);
   const s = dev.stats();
-  assert.ok(s.txDirect < 5 + 300 && s.txDirect >= 5, `the pump wrote most of the burst: ${JSON.stringify(s)}`);
-  assert.equal(seqs, [...Array(305).keys()], 'in order');
+  assert.ok(s.txDirect < 5 + 100 && s.txDirect >= 5, `the pump wrote most of the burst: ${JSON.stringify(s)}`);
+  assert.equal(seqs, [...Array(105).keys()], 'all of it, in order');
 
   await new Promise((r) => setTimeout(r, 20));
   const before = dev.stats().txDirect;
   await sparse(5);
-  await waitFor('the sparse packets after the burst', () => seqs.length === 310);
+  await waitFor('the sparse packets after the burst', () => seqs.length === 110);
   assert.is(dev.stats().txDirect, before + 5, `written by the main thread again: ${JSON.stringify(dev.stats())}`);
   await dev.close();
 });
@@ -498,15 +508,11 @@ test('write() is bounded: false when the queue is full, extra packets dropped, d
   for (let i = 0; i < 50; i++) {
     if (!dev.write(pkt) && refusedAt < 0) refusedAt = i;
   }
-  assert.ok(refusedAt > 0 && refusedAt < 20, `write said stop at packet ${refusedAt}`);
+  // The first packets of a burst are written directly; the rest go to the 4 KiB ring.
+  const queued = refusedAt - dev.stats().txDirect;
+  assert.ok(queued > 0 && queued < 20, `write said stop at packet ${refusedAt}, the ${queued}th queued one`);
   assert.ok(dev.stats().txDropped > 0, 'packets beyond the bound were dropped, not queued');
-  await withTimeout(
-    (async () => {
-      while (drained === 0) await new Promise((r) => setTimeout(r, 10));
-    })(),
-    3_000,
-    'drain',
-  );
+  await waitFor('drain', () => drained > 0, 3_000, 10);
   assert.ok(dev.write(udpPacket([10, 11, 0, 1], 10)), 'writes accepted again after drain');
   await dev.close();
 });
