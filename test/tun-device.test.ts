@@ -410,7 +410,8 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
   const seen = seqs.length;
   await sparse(5);
   await waitFor('the sparse packets after the burst', () => seqs.length === seen + 5);
-  assert.is(dev.stats().rxDirect, directBefore + 5, `read on the main thread again: ${JSON.stringify(dev.stats())}`);
+  // At least our 5 (the kernel may send the device IPv6 router solicitations meanwhile).
+  assert.ok(dev.stats().rxDirect >= directBefore + 5, `read on the main thread again: ${JSON.stringify(dev.stats())}`);
   await dev.close();
 });
 
