@@ -22,7 +22,7 @@ import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
-import { openTun, openTunQueues, type TunDevice } from '../core/tun/device.ts';
+import { openTun, openTunQueues, type OpenTunOptions, type TunDevice } from '../core/tun/device.ts';
 import { NetChanges } from '../core/tun/netconfig.ts';
 import { killSwitchScript, serverNatScript } from '../core/tun/nft.ts';
 import { StateJournal, currentNetns, recoverLeftovers } from '../core/tun/state.ts';
@@ -366,19 +366,30 @@ async function waitSettled(what: string, count: () => number, ms = 5_000, quietM
   );
 }
 
-test('packets one at a time are read on the main thread; a burst goes to the pump and back, in order', async () => {
-  const dev = await withTimeout(openTun({ name: 'dshrd%d' }), 20_000, 'openTun');
+/** A device with `address` (a.b.c.1/24) on it, up; closed after the file if the test does not. */
+async function upTun(opts: OpenTunOptions, address: string): Promise<TunDevice> {
+  const dev = await withTimeout(openTun(opts), 20_000, 'openTun');
   cleanups.push(() => dev.close());
-  await run('ip', ['addr', 'add', '10.13.0.1/24', 'dev', dev.name]);
+  await run('ip', ['addr', 'add', address, 'dev', dev.name]);
   await run('ip', ['link', 'set', dev.name, 'up']);
-  const seqs = udpSequences(dev);
+  return dev;
+}
+
+/** Sends 64-byte UDP datagrams carrying `seq` to `ip`:9 (routed into a device); the socket is closed after the file. */
+function seqSender(ip: string): (seq: number) => void {
   const sock = createSocket('udp4');
   cleanups.push(() => sock.close());
-  const send = (seq: number) => {
+  return (seq) => {
     const b = Buffer.alloc(64);
     b.writeUInt32BE(seq, 0);
-    sock.send(b, 9, '10.13.0.2');
+    sock.send(b, 9, ip);
   };
+}
+
+test('packets one at a time are read on the main thread; a burst goes to the pump and back, in order', async () => {
+  const dev = await upTun({ name: 'dshrd%d' }, '10.13.0.1/24');
+  const seqs = udpSequences(dev);
+  const send = seqSender('10.13.0.2');
   let seq = 0;
   const sparse = async (n: number) => {
     for (let i = 0; i < n; i++) {
@@ -416,10 +427,7 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
 });
 
 test('packets written one at a time are written by the main thread; a burst goes through the pump, in order', async () => {
-  const dev = await withTimeout(openTun({ name: 'dshwr%d' }), 20_000, 'openTun');
-  cleanups.push(() => dev.close());
-  await run('ip', ['addr', 'add', '10.15.0.1/24', 'dev', dev.name]);
-  await run('ip', ['link', 'set', dev.name, 'up']);
+  const dev = await upTun({ name: 'dshwr%d' }, '10.15.0.1/24');
   const sock = createSocket('udp4');
   cleanups.push(() => sock.close());
   const seqs: number[] = [];
@@ -464,17 +472,11 @@ test('packets written one at a time are written by the main thread; a burst goes
 });
 
 test('mainThreadReads: false leaves every read to the pump', async () => {
-  const dev = await withTimeout(openTun({ name: 'dshrp%d', mainThreadReads: false }), 20_000, 'openTun');
-  cleanups.push(() => dev.close());
-  await run('ip', ['addr', 'add', '10.14.0.1/24', 'dev', dev.name]);
-  await run('ip', ['link', 'set', dev.name, 'up']);
+  const dev = await upTun({ name: 'dshrp%d', mainThreadReads: false }, '10.14.0.1/24');
   const seqs = udpSequences(dev);
-  const sock = createSocket('udp4');
-  cleanups.push(() => sock.close());
+  const send = seqSender('10.14.0.2');
   for (let i = 0; i < 5; i++) {
-    const b = Buffer.alloc(64);
-    b.writeUInt32BE(i, 0);
-    sock.send(b, 9, '10.14.0.2');
+    send(i);
     await new Promise((r) => setTimeout(r, 30)); // longer than the hand-back time
   }
   await waitFor('the packets', () => seqs.length === 5);
@@ -498,10 +500,7 @@ test('a device deleted from outside reports a DshieldError through onError', asy
 });
 
 test('write() is bounded: false when the queue is full, extra packets dropped, drain follows', async () => {
-  const dev = await withTimeout(openTun({ name: 'dshbp%d', ringBytes: 4096 }), 20_000, 'openTun');
-  cleanups.push(() => dev.close());
-  await run('ip', ['addr', 'add', '10.11.0.1/24', 'dev', dev.name]);
-  await run('ip', ['link', 'set', dev.name, 'up']);
+  const dev = await upTun({ name: 'dshbp%d', ringBytes: 4096 }, '10.11.0.1/24');
   let drained = 0;
   dev.onDrain(() => drained++);
   const pkt = udpPacket([10, 11, 0, 1], 1000);

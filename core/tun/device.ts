@@ -428,10 +428,11 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     });
   }
 
-  const deliver = (packet: Uint8Array) => {
+  /** One packet to the handler: a Buffer view (the handler's type), valid during the call. */
+  const deliverBuffer = (packet: Buffer) => {
     stats.rxPackets++;
     try {
-      packetHandler!(Buffer.from(packet.buffer, packet.byteOffset, packet.length));
+      packetHandler!(packet);
     } catch (err) {
       // A throwing handler is a bug in our code, not the network's: report it, keep the device.
       if (errorHandler) errorHandler(new DshieldError(ErrorCodes.INTERNAL, `TUN packet handler threw: ${(err as Error).message}`, { cause: err }));
@@ -440,11 +441,13 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
       });
     }
   };
+  /** A packet from a pump's ring (a view of shared memory). */
+  const deliver = (packet: Uint8Array) => deliverBuffer(Buffer.from(packet.buffer, packet.byteOffset, packet.length));
 
   /** A packet the main thread read itself; false when it handed reading to the pump. */
   function readDirect(q: QueueState, packet: Buffer): boolean {
     stats.rxDirect++;
-    deliver(packet);
+    deliverBuffer(packet);
     if (!q.reads.tick(performance.now())) return true;
     // Coming fast: the pump's core does the reads. This thread reads no more
     // (the reader stops before its next read), so the order is kept.

@@ -81,9 +81,8 @@ function run(): void {
     // Nothing left: sleep until the fd is readable or main wakes us (tx data,
     // rx space, stop). The flag + re-check pairs with main's publish().
     if (!tx.prepareToWait()) continue;
-    if (!reading) io.wait(false);
-    else if (reader !== READER_PUMP || rxBlocked) io.wait(!rxBlocked);
-    else if (io.wait(true, PUMP_HAND_BACK_MS) === 'timeout') {
+    const mayHandBack = reader === READER_PUMP && !rxBlocked;
+    if (io.wait(reading && !rxBlocked, mayHandBack ? PUMP_HAND_BACK_MS : -1) === 'timeout' && mayHandBack) {
       // Quiet: the main thread reads again (it drains the ring first).
       Atomics.store(ctrl, CTRL_READER, READER_MAIN);
       notifyMain();
