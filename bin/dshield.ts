@@ -15,6 +15,7 @@ import { inspectPlugin, listBuiltins } from '../core/registry.ts';
 import { createInvite } from '../core/invite.ts';
 import { generateKeyPair, publicKeyFromPrivate } from '../core/x25519.ts';
 import { createRuntime, type Runtime } from '../core/runtime.ts';
+import { tuneGarbageCollector } from '../core/gc-tuning.ts';
 import { startServer } from '../core/server.ts';
 import { startClient } from '../core/client.ts';
 import { localConfig, startLocal } from '../core/local.ts';
@@ -184,6 +185,7 @@ async function run(args: Args): Promise<number> {
     materializeKeys: mode === 'local' ? false : mode,
   });
   const config: ResolvedConfig = mode === 'local' ? localConfig(loaded) : loaded;
+  tuneGarbageCollector();
   const rt = await createRuntime(config, { mode: mode === 'client' ? 'client' : 'server' });
 
   let spinner: Ora | undefined;
