@@ -4,16 +4,33 @@
  * buffer per instance, rewritten per call (createCipheriv copies it).
  *
  * node:crypto always returns fresh buffers, so a caller's `out` costs one
- * copy here; a `fast` AEAD (libsodium's, core/sodium-aead.ts), when given,
- * takes every record instead, in place and without allocating.
+ * copy here; a `fast` AEAD (libsodium's ChaCha20-Poly1305,
+ * core/sodium-aead.ts, or OpenSSL's AES-256-GCM through koffi,
+ * core/openssl-aead.ts), when given, takes every record instead, in place
+ * and without allocating.
  */
 import { createCipheriv, createDecipheriv, type CipherGCMTypes } from 'node:crypto';
-import type { SodiumChaCha } from './sodium-aead.ts';
 import type { CipherPlugin } from './types.ts';
 
 const KEY_LENGTH = 32;
 const TAG_LENGTH = 16;
 const TWO_POW_32 = 0x1_0000_0000;
+
+/** The same AEAD through a cheaper call that works in place (see the file comment). */
+export interface InPlaceAead {
+  /**
+   * Seals plaintext into `out` (length plaintext.length + 16), which may be
+   * the very memory of plaintext followed by 16 free bytes (in place).
+   */
+  encryptInto(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array, out: Buffer): void;
+  /**
+   * Opens ciphertext into `out` (length ciphertext.length - 16, may start at
+   * ciphertext's first byte). False when authentication fails; `out` is then
+   * zeroed, so a caller that may retry with another key must not decrypt in
+   * place.
+   */
+  decryptInto(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out: Uint8Array): boolean;
+}
 
 export interface NodeAeadSpec {
   /** The plugin's name, e.g. 'aes-256-gcm'. */
@@ -25,7 +42,7 @@ export interface NodeAeadSpec {
   /** Noise puts the 64-bit counter after 4 zero bytes: big-endian for AESGCM, little-endian for ChaChaPoly. */
   counterByteOrder: 'BE' | 'LE';
   /** The same AEAD from a library with a cheaper call that works in place: used for every record when given. */
-  fast?: SodiumChaCha | null;
+  fast?: InPlaceAead | null;
 }
 
 export function nodeAead(spec: NodeAeadSpec): CipherPlugin {

@@ -15,6 +15,7 @@
  * the platform, `loadSodiumChaCha()` returns null and the plugin uses
  * node:crypto alone.
  */
+import type { InPlaceAead } from './aead.ts';
 import { sodiumNative } from './sodium.ts';
 
 const TAG_LENGTH = 16;
@@ -25,23 +26,8 @@ interface SodiumAead {
   crypto_aead_chacha20poly1305_ietf_decrypt(m: Uint8Array, nsec: null, c: Uint8Array, ad: Uint8Array | null, npub: Uint8Array, k: Uint8Array): number;
 }
 
-export interface SodiumChaCha {
-  /**
-   * Seals plaintext into `out` (length plaintext.length + 16), which may be
-   * the very memory of plaintext followed by 16 free bytes (in place).
-   */
-  encryptInto(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array, out: Buffer): void;
-  /**
-   * Opens ciphertext into `out` (length ciphertext.length - 16, may start at
-   * ciphertext's first byte). False when authentication fails; `out` is then
-   * zeroed (libsodium clears it), so a caller that may retry with another key
-   * must not decrypt in place.
-   */
-  decryptInto(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out: Uint8Array): boolean;
-}
-
 /** libsodium's ChaCha20-Poly1305, or null when sodium-native cannot load here. */
-export function loadSodiumChaCha(): SodiumChaCha | null {
+export function loadSodiumChaCha(): InPlaceAead | null {
   const s = sodiumNative<SodiumAead>();
   if (s === null) return null;
   const nonce = Buffer.alloc(12);

@@ -1,9 +1,12 @@
 /**
- * AES-256-GCM from node:crypto, as Noise's "AESGCM":
- * the 96-bit nonce is 4 zero bytes followed by the 64-bit counter, big-endian.
- * The fastest choice on CPUs with AES instructions (most x86-64 and ARMv8).
+ * AES-256-GCM as Noise's "AESGCM": the 96-bit nonce is 4 zero bytes
+ * followed by the 64-bit counter, big-endian. Node's OpenSSL seals and
+ * opens in place through koffi; node:crypto where that cannot load
+ * (core/openssl-aead.ts says why). The fastest choice on CPUs with AES
+ * instructions (most x86-64 and ARMv8).
  */
 import { nodeAead } from '../core/aead.ts';
+import { loadOpenSslAesGcm } from '../core/openssl-aead.ts';
 import { definePlugin } from '../core/define.ts';
 import type { CipherPlugin } from '../core/types.ts';
 
@@ -13,6 +16,6 @@ export default definePlugin({
   description: 'AES-256-GCM AEAD (Noise "AESGCM"), fastest with AES hardware',
   options: {},
   create(): CipherPlugin {
-    return nodeAead({ name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE' });
+    return nodeAead({ name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE', fast: loadOpenSslAesGcm() });
   },
 });

@@ -1,40 +1,79 @@
 /**
- * The chacha20-poly1305 plugin seals with libsodium when sodium-native loads
- * and with node:crypto when it does not: both paths must be interchangeable
- * on the wire, so a client on one talks to a server on the other.
+ * Each cipher plugin seals through an in-place fast path when it loads
+ * (libsodium's ChaCha20-Poly1305, Node's OpenSSL AES-256-GCM through koffi)
+ * and through node:crypto when it does not: both paths must be
+ * interchangeable on the wire, so a client on one talks to a server on the
+ * other.
  */
 import { randomBytes } from 'node:crypto';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { nodeAead } from '../core/aead.ts';
+import { nodeAead, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
+import { loadOpenSslAesGcm } from '../core/openssl-aead.ts';
 import { loadSodiumChaCha } from '../core/sodium-aead.ts';
 
-const spec = { name: 'chacha20-poly1305', noiseName: 'ChaChaPoly', algorithm: 'chacha20-poly1305', counterByteOrder: 'LE' } as const;
-const fast = loadSodiumChaCha();
-const viaSodium = nodeAead({ ...spec, fast });
-const viaNode = nodeAead({ ...spec, fast: null });
+const CASES: { spec: NodeAeadSpec; fast: InPlaceAead | null; library: string }[] = [
+  { spec: { name: 'chacha20-poly1305', noiseName: 'ChaChaPoly', algorithm: 'chacha20-poly1305', counterByteOrder: 'LE' }, fast: loadSodiumChaCha(), library: 'libsodium' },
+  { spec: { name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE' }, fast: loadOpenSslAesGcm(), library: 'OpenSSL through koffi' },
+];
 
-test('sodium-native loads on this platform (x64 Linux has a prebuilt binary)', () => {
-  assert.ok(fast !== null, 'loadSodiumChaCha() returned null: the plugin would fall back to node:crypto');
-});
+for (const { spec, fast, library } of CASES) {
+  const viaFast = nodeAead({ ...spec, fast });
+  const viaNode = nodeAead({ ...spec, fast: null });
 
-test('libsodium and node:crypto agree byte for byte, and each opens what the other sealed', () => {
-  const key = randomBytes(32);
-  for (const size of [0, 1, 63, 64, 65, 1400, 4096, 16 * 1024, 65535 - 16]) {
-    for (const counter of [0, 1, 2 ** 32 + 7, Number.MAX_SAFE_INTEGER]) {
-      const ad = size % 2 === 0 ? Buffer.alloc(0) : randomBytes(12);
-      const pt = randomBytes(size);
-      const a = viaSodium.encrypt(key, counter, ad, pt);
-      const b = viaNode.encrypt(key, counter, ad, pt);
-      assert.ok(a.equals(b), `size ${size} counter ${counter}: same ciphertext`);
-      assert.ok(viaNode.decrypt(key, counter, ad, a)?.equals(pt), `node opens sodium's (size ${size})`);
-      assert.ok(viaSodium.decrypt(key, counter, ad, b)?.equals(pt), `sodium opens node's (size ${size})`);
-      const bad = Buffer.from(a);
-      bad[bad.length - 1]! ^= 0x80;
-      assert.is(viaSodium.decrypt(key, counter, ad, bad), null, 'sodium refuses a bad tag');
-      assert.is(viaNode.decrypt(key, counter, ad, bad), null, 'node refuses a bad tag');
+  test(`${spec.name}: the ${library} path loads on this platform`, () => {
+    assert.ok(fast !== null, `the ${library} path returned null: the plugin would fall back to node:crypto`);
+  });
+
+  test(`${spec.name}: ${library} and node:crypto agree byte for byte, and each opens what the other sealed`, () => {
+    const key = randomBytes(32);
+    for (const size of [0, 1, 63, 64, 65, 1400, 4096, 16 * 1024, 65535 - 16]) {
+      for (const counter of [0, 1, 2 ** 32 + 7, Number.MAX_SAFE_INTEGER]) {
+        const ad = size % 2 === 0 ? Buffer.alloc(0) : randomBytes(12);
+        const pt = randomBytes(size);
+        const a = viaFast.encrypt(key, counter, ad, pt);
+        const b = viaNode.encrypt(key, counter, ad, pt);
+        assert.ok(a.equals(b), `size ${size} counter ${counter}: same ciphertext`);
+        assert.ok(viaNode.decrypt(key, counter, ad, a)?.equals(pt), `node opens the fast path's (size ${size})`);
+        assert.ok(viaFast.decrypt(key, counter, ad, b)?.equals(pt), `the fast path opens node's (size ${size})`);
+        const bad = Buffer.from(a);
+        bad[bad.length - 1]! ^= 0x80;
+        assert.is(viaFast.decrypt(key, counter, ad, bad), null, 'the fast path refuses a bad tag');
+        assert.is(viaNode.decrypt(key, counter, ad, bad), null, 'node refuses a bad tag');
+        if (ad.length > 0) assert.is(viaFast.decrypt(key, counter, Buffer.alloc(12), a), null, 'the fast path refuses other associated data');
+      }
     }
-  }
-});
+  });
+
+  test(`${spec.name}: in place, both ways, and a refused record leaves no plaintext behind`, () => {
+    const key = randomBytes(32);
+    const pt = randomBytes(1400);
+    const memory = Buffer.alloc(1400 + 16);
+    pt.copy(memory);
+    const sealed = viaFast.encrypt(key, 9, Buffer.alloc(0), memory.subarray(0, 1400), memory);
+    assert.is(sealed.buffer, memory.buffer, 'sealed over the plaintext');
+    assert.ok(sealed.equals(viaNode.encrypt(key, 9, Buffer.alloc(0), pt)));
+    const opened = viaFast.decrypt(key, 9, Buffer.alloc(0), memory, memory.subarray(0, 1400));
+    assert.ok(opened !== null && opened.equals(pt), 'opened over the ciphertext');
+
+    const tampered = viaNode.encrypt(key, 10, Buffer.alloc(0), pt);
+    tampered[0]! ^= 1;
+    const out = Buffer.alloc(1400, 0xaa);
+    assert.is(viaFast.decrypt(key, 10, Buffer.alloc(0), tampered, out), null);
+    assert.ok(out.every((b) => b === 0), 'the output is wiped, not left with unauthenticated plaintext');
+  });
+
+  test(`${spec.name}: a key buffer rewritten in place is used with its new bytes, never a stale key`, () => {
+    const key = randomBytes(32);
+    const pt = randomBytes(100);
+    const before = viaFast.encrypt(key, 1, Buffer.alloc(0), pt);
+    randomBytes(32).copy(key);
+    const after = viaFast.encrypt(key, 1, Buffer.alloc(0), pt);
+    assert.not.ok(after.equals(before));
+    assert.ok(after.equals(viaNode.encrypt(key, 1, Buffer.alloc(0), pt)));
+    assert.ok(viaFast.decrypt(key, 1, Buffer.alloc(0), after)?.equals(pt));
+    assert.is(viaFast.decrypt(key, 1, Buffer.alloc(0), before), null, 'what the old key sealed no longer opens');
+  });
+}
 
 test.run();
