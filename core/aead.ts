@@ -45,10 +45,14 @@ export interface NodeAeadSpec {
   fast?: InPlaceAead | null;
 }
 
-export function nodeAead(spec: NodeAeadSpec): CipherPlugin {
+/**
+ * Noise's 96-bit nonce for a counter: 4 zero bytes, then the 64-bit counter
+ * in `order`. One buffer, rewritten by every set() (callers use it at once).
+ */
+export function noiseNonce(order: 'BE' | 'LE'): { nonce: Buffer; set(counter: number): void } {
   const nonce = Buffer.alloc(12);
-  const setNonce =
-    spec.counterByteOrder === 'BE'
+  const set =
+    order === 'BE'
       ? (counter: number): void => {
           nonce.writeUInt32BE(Math.floor(counter / TWO_POW_32), 4);
           nonce.writeUInt32BE(counter >>> 0, 8);
@@ -57,6 +61,11 @@ export function nodeAead(spec: NodeAeadSpec): CipherPlugin {
           nonce.writeUInt32LE(counter >>> 0, 4);
           nonce.writeUInt32LE(Math.floor(counter / TWO_POW_32), 8);
         };
+  return { nonce, set };
+}
+
+export function nodeAead(spec: NodeAeadSpec): CipherPlugin {
+  const { nonce, set: setNonce } = noiseNonce(spec.counterByteOrder);
   const validCounter = (counter: number): boolean => Number.isSafeInteger(counter) && counter >= 0;
   const options = { authTagLength: TAG_LENGTH };
   const fast = spec.fast ?? null;

@@ -15,11 +15,10 @@
  * the platform, `loadSodiumChaCha()` returns null and the plugin uses
  * node:crypto alone.
  */
-import type { InPlaceAead } from './aead.ts';
+import { noiseNonce, type InPlaceAead } from './aead.ts';
 import { sodiumNative } from './sodium.ts';
 
 const TAG_LENGTH = 16;
-const TWO_POW_32 = 0x1_0000_0000;
 /** The part of sodium-native used here. */
 interface SodiumAead {
   crypto_aead_chacha20poly1305_ietf_encrypt(c: Uint8Array, m: Uint8Array, ad: Uint8Array | null, nsec: null, npub: Uint8Array, k: Uint8Array): number;
@@ -30,11 +29,7 @@ interface SodiumAead {
 export function loadSodiumChaCha(): InPlaceAead | null {
   const s = sodiumNative<SodiumAead>();
   if (s === null) return null;
-  const nonce = Buffer.alloc(12);
-  const setNonce = (counter: number): void => {
-    nonce.writeUInt32LE(counter >>> 0, 4);
-    nonce.writeUInt32LE(Math.floor(counter / TWO_POW_32), 8);
-  };
+  const { nonce, set: setNonce } = noiseNonce('LE');
   return {
     encryptInto(key, counter, ad, plaintext, out) {
       setNonce(counter);
