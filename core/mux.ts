@@ -73,7 +73,6 @@
  */
 import { Duplex } from 'node:stream';
 import { isIPv4, isIPv6 } from 'node:net';
-import { randomBytes } from 'node:crypto';
 import { DshieldError, ErrorCodes, isDshieldError, type ErrorCode } from './errors.ts';
 import type { EventBus } from './events.ts';
 import type { Logger, Target, TunnelUdp } from './types.ts';
@@ -474,8 +473,6 @@ export class Mux {
   private readonly closedUdpIds = new Set<number>();
   private readonly maxPayload: number;
   private readonly minFragment: number;
-  private readonly host: StreamHost;
-  private readonly udpHost: UdpHost;
 
   private readonly streams = new Map<number, MuxStream>();
   private readonly udps = new Map<number, Assoc>();
@@ -502,7 +499,12 @@ export class Mux {
   private active = 0;
   private nextStreamId = 1;
   private nextUdpId = 1;
-  private readonly pingTag = randomBytes(4).readUInt32BE(0);
+  /**
+   * Marks our pings, so a PONG that answers none of them is caught. It only has to differ
+   * between muxes; records are authenticated already, so it needs no secrecy (and
+   * randomBytes would cost ~5 µs per session).
+   */
+  private readonly pingTag = (Math.random() * 0x1_0000_0000) >>> 0;
   private nextPing = 0;
 
   private closed = false;
@@ -540,17 +542,28 @@ export class Mux {
     this.minFragment = Math.min(1024, (this.maxPayload - FRAME_HEADER) >>> 1);
     const fits = Math.min(0xffff, this.maxPayload - FRAME_HEADER);
     this.maxPacket = opts.maxPacket === undefined ? fits : Math.max(1, Math.min(fits, Math.floor(opts.maxPacket)));
-    this.host = {
+  }
+
+  // Made when the first stream or association needs them: a session that carries only packets
+  // (TUN) or ends at the handshake (a probe, a reconnect storm) is spared the closures.
+  private hostMade: StreamHost | undefined;
+  private udpHostMade: UdpHost | undefined;
+
+  private get host(): StreamHost {
+    return (this.hostMade ??= {
       read: (s) => this.checkGrantSoon(s),
       write: (s, chunks, bytes, cb) => this.streamWrite(s, chunks, bytes, cb),
       final: (s) => this.streamFinal(s),
       destroyed: (s, err) => this.streamDestroyed(s, err),
-    };
-    this.udpHost = {
+    });
+  }
+
+  private get udpHost(): UdpHost {
+    return (this.udpHostMade ??= {
       send: (a, target, payload) => this.udpSend(a, target, payload),
       close: (a) => this.udpClose(a),
       safely: (what, fn) => this.safely(what, fn),
-    };
+    });
   }
 
   /** Streams not yet closed (opening, waiting for accept, or open). */
@@ -722,19 +735,22 @@ export class Mux {
   close(err?: Error): void {
     if (this.closed) return;
     this.closed = true;
-    const reason: DshieldError = isDshieldError(err)
-      ? err
-      : tunnelDown(err ? `the tunnel closed: ${err.message}` : 'the tunnel closed', err);
-    const openReason = reason.code === ErrorCodes.TUNNEL_DOWN ? reason : tunnelDown(reason.message, reason);
+    // Errors capture stack traces: made only when a stream or ping is there to take them.
+    let reason: DshieldError | undefined;
+    let openReason: DshieldError | undefined;
+    if (this.streams.size > 0 || this.pings.size > 0) {
+      reason = isDshieldError(err) ? err : tunnelDown(err ? `the tunnel closed: ${err.message}` : 'the tunnel closed', err);
+      openReason = reason.code === ErrorCodes.TUNNEL_DOWN ? reason : tunnelDown(reason.message, reason);
+    }
     const streams = [...this.streams.values()];
     this.streams.clear();
     this.ctlStreams.clear();
     this.ready.clear();
     for (const s of streams) {
       const state = s.state;
-      this.finishStream(s, reason.message);
+      this.finishStream(s, reason!.message);
       if (state === 'opening') {
-        s.settle?.(openReason);
+        s.settle?.(openReason!);
         s.destroy();
       } else if (state === 'pending') {
         s.abort?.abort(openReason);
@@ -749,7 +765,7 @@ export class Mux {
     for (const p of this.pings.values()) {
       clearTimeout(p.timer);
       clearInterval(p.resend);
-      p.reject(openReason);
+      p.reject(openReason!);
     }
     clearInterval(this.udpSweep);
     this.pings.clear();

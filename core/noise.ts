@@ -13,6 +13,7 @@
  * continue from a half-updated state by mistake.
  */
 import { createHash, createHmac } from 'node:crypto';
+import { BLAKE2S_LENGTH, blake2s, HmacBlake2s } from './blake2s.ts';
 import { DshieldError, ErrorCodes } from './errors.ts';
 import type { CipherPlugin, NoiseHash } from './types.ts';
 import { dh as x25519, ephemeralFromPrivate, generateEphemeral, type EphemeralKey, type KeyPair, KEY_LENGTH } from './x25519.ts';
@@ -22,12 +23,53 @@ export type HashName = NoiseHash;
 export const HASH_NAMES: readonly HashName[] = ['BLAKE2s', 'SHA256', 'BLAKE2b', 'SHA512'];
 export type HandshakePattern = 'IK' | 'IKpsk2';
 
-const NODE_HASH: Record<HashName, { name: string; length: number }> = {
-  BLAKE2s: { name: 'blake2s256', length: 32 },
-  SHA256: { name: 'sha256', length: 32 },
-  BLAKE2b: { name: 'blake2b512', length: 64 },
-  SHA512: { name: 'sha512', length: 64 },
+/** HMAC with one key, for one or more messages. */
+interface Mac {
+  mac(a: Uint8Array, b?: Uint8Array): Buffer;
+}
+
+/** What Noise needs of its hash function: HASH over one or two parts, HMAC, HASHLEN. */
+interface HashSuite {
+  readonly length: number;
+  hash(a: Uint8Array, b?: Uint8Array): Buffer;
+  macKey(key: Uint8Array): Mac;
+}
+
+/** A hash from node:crypto (an object per call, ~2-4 µs each at handshake sizes). */
+function nodeSuite(name: string, length: number): HashSuite {
+  class NodeMac implements Mac {
+    constructor(private readonly key: Uint8Array) {}
+
+    mac(a: Uint8Array, b?: Uint8Array): Buffer {
+      const m = createHmac(name, this.key).update(a);
+      if (b !== undefined) m.update(b);
+      return m.digest();
+    }
+  }
+  return {
+    length,
+    hash(a, b) {
+      const h = createHash(name).update(a);
+      if (b !== undefined) h.update(b);
+      return h.digest();
+    },
+    macKey: (key) => new NodeMac(key),
+  };
+}
+
+/**
+ * BLAKE2s, the default, runs in JavaScript (core/blake2s.ts): at these sizes
+ * node:crypto's per-call set-up costs several times the hashing itself.
+ */
+const HASH_SUITES: Record<HashName, HashSuite> = {
+  BLAKE2s: { length: BLAKE2S_LENGTH, hash: blake2s, macKey: (key) => new HmacBlake2s(key) },
+  SHA256: nodeSuite('sha256', 32),
+  BLAKE2b: nodeSuite('blake2b512', 64),
+  SHA512: nodeSuite('sha512', 64),
 };
+const ONE = Uint8Array.of(1);
+const TWO = Uint8Array.of(2);
+const THREE = Uint8Array.of(3);
 const TAG_LENGTH = 16;
 const PSK_LENGTH = 32;
 /** Noise caps every message at 65535 bytes. */
@@ -132,7 +174,7 @@ export class SymmetricState {
   private chainingKey: Buffer;
   private hashValue: Buffer;
   private cipherState: CipherState;
-  private readonly nodeHash: string;
+  private readonly suite: HashSuite;
 
   /** `from`: continue from a snapshot() instead of starting from the protocol name. */
   constructor(
@@ -141,8 +183,7 @@ export class SymmetricState {
     name: string,
     from?: SymmetricSnapshot,
   ) {
-    const { name: nodeHash, length: hashLength } = NODE_HASH[hash];
-    this.nodeHash = nodeHash;
+    this.suite = HASH_SUITES[hash];
     this.cipherState = new CipherState(cipher);
     if (from !== undefined) {
       this.chainingKey = from.chainingKey;
@@ -150,12 +191,12 @@ export class SymmetricState {
       return;
     }
     const nameBytes = Buffer.from(name, 'ascii');
-    if (nameBytes.length <= hashLength) {
+    if (nameBytes.length <= this.suite.length) {
       // A short name is used as h directly, zero-padded (e.g. Noise_IK_25519_AESGCM_SHA256 is 28 bytes).
-      this.hashValue = Buffer.alloc(hashLength);
+      this.hashValue = Buffer.alloc(this.suite.length);
       nameBytes.copy(this.hashValue);
     } else {
-      this.hashValue = this.digest(nameBytes);
+      this.hashValue = this.suite.hash(nameBytes);
     }
     this.chainingKey = this.hashValue;
   }
@@ -169,25 +210,13 @@ export class SymmetricState {
     return { chainingKey: this.chainingKey, hashValue: this.hashValue };
   }
 
-  private digest(...parts: Uint8Array[]): Buffer {
-    const h = createHash(this.nodeHash);
-    for (const p of parts) h.update(p);
-    return h.digest();
-  }
-
-  private hmac(key: Uint8Array, ...parts: Uint8Array[]): Buffer {
-    const m = createHmac(this.nodeHash, key);
-    for (const p of parts) m.update(p);
-    return m.digest();
-  }
-
   /** HKDF as Noise defines it (HMAC-based, 2 or 3 outputs of HASHLEN bytes). */
   private hkdf(ikm: Uint8Array, outputs: 2 | 3): Buffer[] {
-    const tempKey = this.hmac(this.chainingKey, ikm);
-    const out1 = this.hmac(tempKey, Uint8Array.of(1));
-    const out2 = this.hmac(tempKey, out1, Uint8Array.of(2));
+    const temp = this.suite.macKey(this.suite.macKey(this.chainingKey).mac(ikm));
+    const out1 = temp.mac(ONE);
+    const out2 = temp.mac(out1, TWO);
     if (outputs === 2) return [out1, out2];
-    return [out1, out2, this.hmac(tempKey, out2, Uint8Array.of(3))];
+    return [out1, out2, temp.mac(out2, THREE)];
   }
 
   mixKey(ikm: Uint8Array): void {
@@ -197,7 +226,7 @@ export class SymmetricState {
   }
 
   mixHash(data: Uint8Array): void {
-    this.hashValue = this.digest(this.hashValue, data);
+    this.hashValue = this.suite.hash(this.hashValue, data);
   }
 
   mixKeyAndHash(ikm: Uint8Array): void {

@@ -26,7 +26,7 @@
  * new one authenticates, so records in flight either way are never lost.
  * A side whose keys get older than rejectAfterMs closes the session.
  */
-import { DshieldError, ErrorCodes } from './errors.ts';
+import { DshieldError, ErrorCodes, errorWithoutStack } from './errors.ts';
 import {
   checkInitiation,
   initiatorFactory,
@@ -401,7 +401,7 @@ class SecureSession implements Session {
     this.state = 'closed';
     this.clearTimers();
     // Without a CLOSE record the peer did not mean to stop (crash, network, or truncation).
-    if (wasOpen && err === undefined) err = new Error('the connection closed without a close record from the peer');
+    if (wasOpen && err === undefined) err = errorWithoutStack('the connection closed without a close record from the peer');
     this.finish(wasOpen ? err : undefined);
   }
 
