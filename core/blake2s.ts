@@ -115,14 +115,14 @@ const block = new Uint8Array(BLOCK);
 const EMPTY = new Uint8Array(0);
 
 /**
- * Finishes a hash that had reached chaining value `from` after `hashed`
- * bytes (0, or whole blocks known not to be the last) by hashing `a` then
- * `b`. With hashed > 0 at least one more byte must follow (HmacBlake2s
- * sees to it). Two parts rather than a list: every caller has one or two,
- * and an array per call would be the largest cost left.
+ * Finishes a hash that had reached the chaining value at from[at..at+8)
+ * after `hashed` bytes (0, or whole blocks known not to be the last) by
+ * hashing `a` then `b`. With hashed > 0 at least one more byte must follow
+ * (HmacBlake2s sees to it). Two parts rather than a list: every caller has
+ * one or two, and an array per call would cost more than the copying.
  */
-function run(from: Uint32Array, hashed: number, a: Uint8Array, b: Uint8Array): Buffer {
-  h.set(from);
+function run(from: Uint32Array, at: number, hashed: number, a: Uint8Array, b: Uint8Array): Buffer {
+  for (let i = 0; i < 8; i++) h[i] = from[at + i]!;
   let t = hashed;
   let fill = 0;
   for (let part = 0; part < 2; part++) {
@@ -155,16 +155,20 @@ function run(from: Uint32Array, hashed: number, a: Uint8Array, b: Uint8Array): B
   return out;
 }
 
-/** The chaining value after hashing one 64-byte block that is not the last. */
-function afterBlock(first: Uint8Array): Uint32Array {
-  const state = START.slice();
-  compress(state, first, 0, BLOCK, false);
-  return state;
-}
-
 /** BLAKE2s-256 of `a` followed by `b`. */
 export function blake2s(a: Uint8Array, b: Uint8Array = EMPTY): Buffer {
-  return run(START, 0, a, b);
+  return run(START, 0, 0, a, b);
+}
+
+const IPAD = 0x36;
+const OPAD = 0x5c;
+/** Scratch for HmacBlake2s: the key XOR a pad. */
+const pad = new Uint8Array(BLOCK);
+
+/** Fills `pad` with key XOR `byte` (RFC 2104's ipad 0x36 or opad 0x5c). */
+function padKey(key: Uint8Array, byte: number): void {
+  pad.fill(byte);
+  for (let i = 0; i < key.length; i++) pad[i] = key[i]! ^ byte;
 }
 
 /**
@@ -172,27 +176,35 @@ export function blake2s(a: Uint8Array, b: Uint8Array = EMPTY): Buffer {
  * after the (key XOR ipad) and (key XOR opad) blocks are computed once.
  */
 export class HmacBlake2s {
-  /** key XOR ipad: hashed again only for an empty message, where it is the last block. */
-  private readonly innerBlock = new Uint8Array(BLOCK);
-  private readonly inner: Uint32Array;
-  private readonly outer: Uint32Array;
+  /** The chaining values after the ipad block [0, 8) and after the opad block [8, 16). */
+  private readonly states = new Uint32Array(16);
+  /** Kept for an empty message, where the ipad block is the last block and must be hashed as such. */
+  private readonly key: Buffer;
 
   /** `key`: Noise's are 32 bytes; one over 64 is hashed first, as RFC 2104 says. */
   constructor(key: Uint8Array) {
-    const pad = this.innerBlock;
-    pad.set(key.length > BLOCK ? blake2s(key) : key);
-    const outerBlock = new Uint8Array(BLOCK);
-    for (let i = 0; i < BLOCK; i++) {
-      outerBlock[i] = pad[i]! ^ 0x5c;
-      pad[i]! ^= 0x36;
-    }
-    this.inner = afterBlock(pad);
-    this.outer = afterBlock(outerBlock); // the inner digest always follows it
+    this.key = key.length > BLOCK ? blake2s(key) : Buffer.from(key);
+    this.prime(IPAD, 0);
+    this.prime(OPAD, 8);
+  }
+
+  /** Hashes the key XOR `byte` block from the start and keeps the chaining value at states[at]. */
+  private prime(byte: number, at: number): void {
+    padKey(this.key, byte);
+    h.set(START);
+    compress(h, pad, 0, BLOCK, false);
+    this.states.set(h, at);
   }
 
   /** HMAC(key, `a` followed by `b`). */
   mac(a: Uint8Array, b: Uint8Array = EMPTY): Buffer {
-    const inner = a.length + b.length === 0 ? run(START, 0, this.innerBlock, EMPTY) : run(this.inner, BLOCK, a, b);
-    return run(this.outer, BLOCK, inner, EMPTY);
+    let inner: Buffer;
+    if (a.length + b.length > 0) {
+      inner = run(this.states, 0, BLOCK, a, b);
+    } else {
+      padKey(this.key, IPAD);
+      inner = run(START, 0, 0, pad, EMPTY);
+    }
+    return run(this.states, 8, BLOCK, inner, EMPTY); // the inner digest always follows the opad block
   }
 }
