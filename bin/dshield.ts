@@ -16,6 +16,7 @@ import { createInvite } from '../core/invite.ts';
 import { generateKeyPair, publicKeyFromPrivate } from '../core/x25519.ts';
 import { createRuntime, type Runtime } from '../core/runtime.ts';
 import { tuneGarbageCollector } from '../core/gc-tuning.ts';
+import { tuneMalloc } from '../core/malloc-tuning.ts';
 import { startServer } from '../core/server.ts';
 import { startClient } from '../core/client.ts';
 import { localConfig, startLocal } from '../core/local.ts';
@@ -186,6 +187,7 @@ async function run(args: Args): Promise<number> {
   });
   const config: ResolvedConfig = mode === 'local' ? localConfig(loaded) : loaded;
   tuneGarbageCollector();
+  tuneMalloc();
   const rt = await createRuntime(config, { mode: mode === 'client' ? 'client' : 'server' });
 
   let spinner: Ora | undefined;
