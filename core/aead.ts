@@ -32,6 +32,23 @@ export interface InPlaceAead {
   decryptInto(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out: Uint8Array): boolean;
 }
 
+/**
+ * One AEAD from two implementations of it, by record size: records of
+ * `threshold` bytes or more (plaintext or ciphertext) go to `large`, the
+ * rest to `small`. Both must compute the same function, so which one took
+ * a record never shows on the wire.
+ */
+export function bySize(small: InPlaceAead, large: InPlaceAead, threshold: number): InPlaceAead {
+  return {
+    encryptInto(key, counter, ad, plaintext, out) {
+      (plaintext.length >= threshold ? large : small).encryptInto(key, counter, ad, plaintext, out);
+    },
+    decryptInto(key, counter, ad, ciphertext, out) {
+      return (ciphertext.length >= threshold ? large : small).decryptInto(key, counter, ad, ciphertext, out);
+    },
+  };
+}
+
 export interface NodeAeadSpec {
   /** The plugin's name, e.g. 'aes-256-gcm'. */
   name: string;

@@ -1,19 +1,29 @@
 /**
- * Each cipher plugin seals through an in-place fast path when it loads
- * (libsodium's ChaCha20-Poly1305, Node's OpenSSL AES-256-GCM through koffi)
- * and through node:crypto when it does not: both paths must be
- * interchangeable on the wire, so a client on one talks to a server on the
- * other.
+ * Each cipher plugin seals through in-place fast paths when they load
+ * (libsodium's ChaCha20-Poly1305, Node's OpenSSL ChaCha20-Poly1305 and
+ * AES-256-GCM through koffi, and the chacha20-poly1305 plugin's split of
+ * the first two by record size) and through node:crypto when they do not:
+ * every path must be interchangeable on the wire, so a client on one talks
+ * to a server on another.
  */
 import { randomBytes } from 'node:crypto';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { nodeAead, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
-import { loadOpenSslAesGcm } from '../core/openssl-aead.ts';
+import { bySize, nodeAead, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
+import { loadOpenSslAesGcm, loadOpenSslChaCha } from '../core/openssl-aead.ts';
 import { loadSodiumChaCha } from '../core/sodium-aead.ts';
 
+const CHACHA: NodeAeadSpec = { name: 'chacha20-poly1305', noiseName: 'ChaChaPoly', algorithm: 'chacha20-poly1305', counterByteOrder: 'LE' };
+const sodiumChaCha = loadSodiumChaCha();
+const opensslChaCha = loadOpenSslChaCha();
 const CASES: { spec: NodeAeadSpec; fast: InPlaceAead | null; library: string }[] = [
-  { spec: { name: 'chacha20-poly1305', noiseName: 'ChaChaPoly', algorithm: 'chacha20-poly1305', counterByteOrder: 'LE' }, fast: loadSodiumChaCha(), library: 'libsodium' },
+  { spec: CHACHA, fast: sodiumChaCha, library: 'libsodium' },
+  { spec: CHACHA, fast: opensslChaCha, library: 'OpenSSL through koffi' },
+  {
+    spec: CHACHA,
+    fast: sodiumChaCha && opensslChaCha && bySize(sodiumChaCha, opensslChaCha, 4096),
+    library: 'libsodium under 4 KiB and OpenSSL above (as the plugin does)',
+  },
   { spec: { name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE' }, fast: loadOpenSslAesGcm(), library: 'OpenSSL through koffi' },
 ];
 
@@ -47,20 +57,22 @@ for (const { spec, fast, library } of CASES) {
 
   test(`${spec.name}: in place, both ways, and a refused record leaves no plaintext behind`, () => {
     const key = randomBytes(32);
-    const pt = randomBytes(1400);
-    const memory = Buffer.alloc(1400 + 16);
-    pt.copy(memory);
-    const sealed = viaFast.encrypt(key, 9, Buffer.alloc(0), memory.subarray(0, 1400), memory);
-    assert.is(sealed.buffer, memory.buffer, 'sealed over the plaintext');
-    assert.ok(sealed.equals(viaNode.encrypt(key, 9, Buffer.alloc(0), pt)));
-    const opened = viaFast.decrypt(key, 9, Buffer.alloc(0), memory, memory.subarray(0, 1400));
-    assert.ok(opened !== null && opened.equals(pt), 'opened over the ciphertext');
+    for (const size of [1400, 16 * 1024]) {
+      const pt = randomBytes(size);
+      const memory = Buffer.alloc(size + 16);
+      pt.copy(memory);
+      const sealed = viaFast.encrypt(key, 9, Buffer.alloc(0), memory.subarray(0, size), memory);
+      assert.is(sealed.buffer, memory.buffer, `sealed over the plaintext (${size} bytes)`);
+      assert.ok(sealed.equals(viaNode.encrypt(key, 9, Buffer.alloc(0), pt)));
+      const opened = viaFast.decrypt(key, 9, Buffer.alloc(0), memory, memory.subarray(0, size));
+      assert.ok(opened !== null && opened.equals(pt), `opened over the ciphertext (${size} bytes)`);
 
-    const tampered = viaNode.encrypt(key, 10, Buffer.alloc(0), pt);
-    tampered[0]! ^= 1;
-    const out = Buffer.alloc(1400, 0xaa);
-    assert.is(viaFast.decrypt(key, 10, Buffer.alloc(0), tampered, out), null);
-    assert.ok(out.every((b) => b === 0), 'the output is wiped, not left with unauthenticated plaintext');
+      const tampered = viaNode.encrypt(key, 10, Buffer.alloc(0), pt);
+      tampered[0]! ^= 1;
+      const out = Buffer.alloc(size, 0xaa);
+      assert.is(viaFast.decrypt(key, 10, Buffer.alloc(0), tampered, out), null);
+      assert.ok(out.every((b) => b === 0), `the output is wiped, not left with unauthenticated plaintext (${size} bytes)`);
+    }
   });
 
   test(`${spec.name}: a key buffer rewritten in place is used with its new bytes, never a stale key`, () => {
