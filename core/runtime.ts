@@ -6,6 +6,7 @@
  * Control-plane events are turned into log records here, so a logger plugin
  * sees sessions and streams come and go without subscribing to anything.
  */
+import { setMaxListeners } from 'node:events';
 import { EventBus } from './events.ts';
 import { createLogger } from './log.ts';
 import { loadPlugin } from './registry.ts';
@@ -47,6 +48,9 @@ export interface RuntimeOptions {
 export async function createRuntime(config: ResolvedConfig, opts: RuntimeOptions): Promise<Runtime> {
   const events = new EventBus();
   const controller = new AbortController();
+  // Every plugin, outbound connect and dial in flight listens here for shutdown: a busy server
+  // has hundreds at once by design, which Node would report as a leak after 10.
+  setMaxListeners(0, controller.signal);
   const sinks: LoggerPlugin[] = [...(opts.extraSinks ?? [])];
   const log = createLogger(sinks, '');
   const loaded: { kind: PluginKind; instance: Closable }[] = [];
