@@ -5,9 +5,10 @@
  *
  * node:crypto always returns fresh buffers, so a caller's `out` costs one
  * copy here; a `fast` AEAD (libsodium's ChaCha20-Poly1305,
- * core/sodium-aead.ts, or OpenSSL's AES-256-GCM through koffi,
- * core/openssl-aead.ts), when given, takes every record instead, in place
- * and without allocating.
+ * core/sodium-aead.ts; OpenSSL's AES-256-GCM or ChaCha20-Poly1305 through
+ * koffi, core/openssl-aead.ts; or two of them split by record size,
+ * bySize), when given, takes every record instead, in place and without
+ * allocating.
  */
 import { createCipheriv, createDecipheriv, type CipherGCMTypes } from 'node:crypto';
 import type { CipherPlugin } from './types.ts';

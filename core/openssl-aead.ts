@@ -56,6 +56,20 @@ interface Evp {
   ctrl(ctx: Pointer, type: number, arg: number, ptr: Uint8Array): number;
 }
 
+/** koffi's bindings to EVP, made once per process (both loaders share them); null when koffi cannot load. */
+let evpBinding: Evp | null | undefined;
+
+function boundEvp(): Evp | null {
+  if (evpBinding === undefined) {
+    try {
+      evpBinding = bindEvp(createRequire(import.meta.url)('koffi') as Koffi);
+    } catch {
+      evpBinding = null;
+    }
+  }
+  return evpBinding;
+}
+
 function bindEvp(koffi: Koffi): Evp {
   // The process itself: Node's own OpenSSL. The functions are koffi's own, called directly.
   const lib = koffi.load(null as unknown as string);
@@ -98,10 +112,10 @@ export function loadOpenSslChaCha(): InPlaceAead | null {
 
 /** An AEAD with a 12-byte IV and a 16-byte tag, by its EVP_CIPHER, with Noise's nonce in `order`. */
 function loadOpenSsl(pick: (evp: Evp) => Pointer, order: 'BE' | 'LE'): InPlaceAead | null {
-  let evp: Evp;
+  const evp = boundEvp();
+  if (evp === null) return null;
   let cipher: Pointer;
   try {
-    evp = bindEvp(createRequire(import.meta.url)('koffi') as Koffi);
     cipher = pick(evp);
     if (cipher === null) return null;
   } catch {

@@ -5,11 +5,12 @@
  * Why: node:crypto builds a cipher context per record (createCipheriv,
  * setAAD, update, final, getAuthTag: about 10 µs for a 1400-byte packet) and
  * always returns fresh buffers, while one libsodium call seals the same packet
- * in about 2 µs, in place, with no allocation. For a single large record
- * OpenSSL's ChaCha20 is faster per byte (≈ 2.1 against 1.5 GB/s at 64 KiB
- * here), but its fresh output buffers cost more than that: a 1 GiB download
- * through the SOCKS5 proxy took ~30 % less server CPU sealing in place with
- * libsodium at every size than with node:crypto above 16 KiB.
+ * in about 2 µs, in place, with no allocation. Through node:crypto,
+ * OpenSSL's faster ChaCha20 did not pay for its fresh output buffers on
+ * large records (a 1 GiB SOCKS5 download took ~30 % more server CPU than
+ * libsodium in place); called in place through koffi it does, so the
+ * chacha20-poly1305 plugin gives it records of 4 KiB and more
+ * (core/openssl-aead.ts) and keeps libsodium for the rest.
  *
  * sodium-native ships prebuilt binaries (no install script). Where none fits
  * the platform, `loadSodiumChaCha()` returns null and the plugin uses

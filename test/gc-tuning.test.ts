@@ -9,14 +9,10 @@
  *
  *   npx tsx test/gc-tuning.test.ts
  */
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { tuneGarbageCollector } from '../core/gc-tuning.ts';
-
-const FIXTURE = fileURLToPath(new URL('./fixtures/gc-churn.ts', import.meta.url));
-const TSX = import.meta.resolve('tsx');
+import { runFixture } from './helpers/fixture.ts';
 
 interface Trace {
   tuned: boolean;
@@ -24,21 +20,17 @@ interface Trace {
   incremental: number;
 }
 
-function churn(nodeFlags: string[], arg: 'tuned' | 'untuned'): Promise<Trace> {
-  return new Promise((resolve, reject) => {
-    execFile(process.execPath, ['--trace-gc', ...nodeFlags, '--import', TSX, FIXTURE, arg], { timeout: 60_000, maxBuffer: 16 << 20 }, (err, stdout) => {
-      if (err) return reject(err);
-      const lines = stdout.split('\n');
-      const result = lines.map((l) => l.trim()).filter((l) => l.startsWith('{'));
-      if (result.length !== 1) return reject(new Error(`no result line in:\n${stdout}`));
-      const majors = lines.filter((l) => l.includes('Mark-Compact'));
-      resolve({
-        tuned: (JSON.parse(result[0]!) as { tuned: boolean }).tuned,
-        majors: majors.length,
-        incremental: majors.filter((l) => l.includes('since start of marking')).length,
-      });
-    });
-  });
+async function churn(nodeFlags: string[], arg: 'tuned' | 'untuned'): Promise<Trace> {
+  const stdout = await runFixture('gc-churn.ts', [arg], ['--trace-gc', ...nodeFlags]);
+  const lines = stdout.split('\n');
+  const result = lines.map((l) => l.trim()).filter((l) => l.startsWith('{'));
+  if (result.length !== 1) throw new Error(`no result line in:\n${stdout}`);
+  const majors = lines.filter((l) => l.includes('Mark-Compact'));
+  return {
+    tuned: (JSON.parse(result[0]!) as { tuned: boolean }).tuned,
+    majors: majors.length,
+    incremental: majors.filter((l) => l.includes('since start of marking')).length,
+  };
 }
 
 test('V8 collects the old generation with incremental marking by default (the case the tuning changes)', async () => {

@@ -9,13 +9,9 @@
  *
  *   npx tsx test/malloc-tuning.test.ts
  */
-import { execFile } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-
-const FIXTURE = fileURLToPath(new URL('./fixtures/malloc-churn.ts', import.meta.url));
-const TSX = import.meta.resolve('tsx');
+import { runFixture } from './helpers/fixture.ts';
 
 interface Churn {
   tuned: boolean;
@@ -24,15 +20,11 @@ interface Churn {
   pagesPerRound: number;
 }
 
-function churn(arg: 'tuned' | 'default'): Promise<Churn> {
-  return new Promise((resolve, reject) => {
-    execFile(process.execPath, ['--import', TSX, FIXTURE, arg], { timeout: 60_000 }, (err, stdout) => {
-      if (err) return reject(err);
-      const m = /^RESULT (.*)$/m.exec(stdout);
-      if (!m) return reject(new Error(`no result line in:\n${stdout}`));
-      resolve(JSON.parse(m[1]!) as Churn);
-    });
-  });
+async function churn(arg: 'tuned' | 'default'): Promise<Churn> {
+  const stdout = await runFixture('malloc-churn.ts', [arg]);
+  const m = /^RESULT (.*)$/m.exec(stdout);
+  if (!m) throw new Error(`no result line in:\n${stdout}`);
+  return JSON.parse(m[1]!) as Churn;
 }
 
 test("glibc's defaults fault the churned memory in again every round (the case the tuning changes)", async () => {
