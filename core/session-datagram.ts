@@ -243,6 +243,15 @@ interface DatagramSessionInit {
   bytesOut: number;
 }
 
+/**
+ * Memory payloadBuffer() hands out, shared by every datagram session of the
+ * process: an endpoint that sends at once (pending 0) leaves it free for the
+ * next payload, so the data path allocates nothing per datagram.
+ */
+let spareDatagram: Buffer | null = null;
+/** Bytes of a data record before its payload: header and record type. */
+const PAYLOAD_OFFSET = DATA_HEADER + 1;
+
 class DatagramSession implements Session {
   readonly side: 'client' | 'server';
   readonly lossy = true;
@@ -337,6 +346,35 @@ class DatagramSession implements Session {
     const ok = this.sendRecord(DATA, payload);
     if (!ok) this.wantsDrain = true;
     return ok;
+  }
+
+  payloadBuffer(): Buffer {
+    const size = PAYLOAD_OFFSET + this.maxPayload + TAG_LENGTH;
+    // Its own ArrayBuffer (not the Buffer pool), so sendInPlace can tell it from any other memory.
+    if (spareDatagram === null || spareDatagram.length < size) spareDatagram = Buffer.allocUnsafeSlow(size);
+    return spareDatagram.subarray(PAYLOAD_OFFSET, PAYLOAD_OFFSET + this.maxPayload);
+  }
+
+  sendInPlace(payload: Buffer): boolean {
+    if (this.state !== 'open') return false;
+    if (payload.length > this.maxPayload) {
+      throw new RangeError(`session payload of ${payload.length} bytes exceeds maxPayload ${this.maxPayload}`);
+    }
+    const memory = payload.buffer;
+    const start = payload.byteOffset - PAYLOAD_OFFSET;
+    if (start < 0 || payload.byteOffset + payload.length + TAG_LENGTH > memory.byteLength) return this.send(payload);
+    // Unless the endpoint sends it at once, it keeps the memory: the next payload needs new.
+    let reusable = false;
+    try {
+      const out = Buffer.from(memory, start, PAYLOAD_OFFSET + payload.length + TAG_LENGTH);
+      out[DATA_HEADER] = DATA;
+      const ok = this.seal(out, 1 + payload.length);
+      reusable = this.endpoint.pending === 0;
+      if (!ok) this.wantsDrain = true;
+      return ok;
+    } finally {
+      if (!reusable && spareDatagram !== null && spareDatagram.buffer === memory) spareDatagram = null;
+    }
   }
 
   sendBatch(payloads: Buffer[]): boolean {
@@ -440,6 +478,23 @@ class DatagramSession implements Session {
    * (false: wait for drain; the record may have been dropped).
    */
   private sendRecord(type: number | null, body: Buffer | null): boolean {
+    const bodyLength = body === null ? 0 : body.length;
+    const plainLength = type === null ? 0 : 1 + bodyLength;
+    // The datagram is assembled once and sealed in place after its header.
+    const out = Buffer.allocUnsafe(DATA_HEADER + plainLength + TAG_LENGTH);
+    if (type !== null) {
+      out[DATA_HEADER] = type;
+      if (body !== null) out.set(body, PAYLOAD_OFFSET);
+    }
+    return this.seal(out, plainLength);
+  }
+
+  /**
+   * Writes the header into `out` (DATA_HEADER + plainLength + TAG_LENGTH
+   * bytes, the plaintext after the header), seals the plaintext in place
+   * under the current keys and sends the datagram.
+   */
+  private seal(out: Buffer, plainLength: number): boolean {
     const kp = this.current;
     const counter = kp.sendCounter;
     if (counter >= MAX_COUNTER) {
@@ -447,19 +502,11 @@ class DatagramSession implements Session {
       return false;
     }
     kp.sendCounter = counter + 1;
-    const bodyLength = body === null ? 0 : body.length;
-    const plainLength = type === null ? 0 : 1 + bodyLength;
-    // The datagram is assembled once and sealed in place after its header.
-    const out = Buffer.allocUnsafe(DATA_HEADER + plainLength + TAG_LENGTH);
     out[0] = MSG_DATA;
     out.writeUInt32LE(kp.remoteIndex, 1);
     out.writeUInt32LE(counter >>> 0, 5);
     out.writeUInt32LE(Math.floor(counter / 0x1_0000_0000), 9);
     const plaintext = out.subarray(DATA_HEADER, DATA_HEADER + plainLength);
-    if (type !== null) {
-      plaintext[0] = type;
-      if (body !== null) plaintext.set(body, 1);
-    }
     const sealedAt = out.subarray(DATA_HEADER);
     let sealed: Buffer;
     try {

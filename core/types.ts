@@ -243,9 +243,16 @@ export interface DatagramEndpoint {
    * beyond its bound) or when the endpoint is closed. Throws RangeError for a
    * datagram above maxDatagramSize or a malformed `to` (caller bugs). The
    * endpoint may hold `datagram` until the OS has taken it: do not modify
-   * it after the call.
+   * it after the call, unless `pending` is 0 right after it.
    */
   send(datagram: Buffer, to: string): boolean;
+  /**
+   * Datagrams the endpoint holds that the OS has not taken yet. When it is 0
+   * right after `send`, the endpoint keeps no reference to that datagram and
+   * the caller may reuse its memory (sessions do). Absent: assume it keeps
+   * every datagram.
+   */
+  readonly pending?: number;
   /** Stop delivering, let sends in flight finish, release the socket. Idempotent. */
   close(): void;
 }

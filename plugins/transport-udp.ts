@@ -17,10 +17,18 @@
  * tunnels). A larger datagram is fragmented by the kernel or dropped on the
  * way, so a wrong mtu costs speed or reachability, never safety.
  *
- * Sending: dgram has no backpressure signal, so the endpoint counts sends
- * the OS has not confirmed; at `sendQueue` of them send() drops the datagram
- * and returns false (UDP may drop), and drain follows once half have
- * completed. Addresses are numeric on the data path: the socket's lookup
+ * The data path (IPv4 sockets, where koffi loads; core/udp-io.ts): a send
+ * is one sendto(2) that returns when the kernel has the datagram, and after
+ * dgram delivers a datagram the endpoint reads what else is queued with
+ * recvfrom(2), up to RECEIVE_BATCH, without a callback per datagram.
+ * Elsewhere, and whenever the kernel's send buffer is full, node:dgram does
+ * the work as before.
+ *
+ * Sending through dgram: it has no backpressure signal, so the endpoint
+ * counts sends the OS has not confirmed; at `sendQueue` of them send() drops
+ * the datagram and returns false (UDP may drop), and drain follows once half
+ * have completed. While any are in flight, later sends queue behind them in
+ * dgram too. Addresses are numeric on the data path: the socket's lookup
  * function refuses names, so no datagram waits for DNS.
  */
 import dgram from 'node:dgram';
@@ -33,6 +41,7 @@ import { describeListenError } from '../core/net-errors.ts';
 import { FRAME_HEADER } from '../core/mux.ts';
 import { datagramSizeFor } from '../core/session-datagram.ts';
 import type { DatagramEndpoint, DatagramHandlers, DatagramTransportPlugin, Logger } from '../core/types.ts';
+import { EAGAIN, ENOBUFS, openUdpIo, sockaddrIn, type UdpIo } from '../core/udp-io.ts';
 
 /** The largest UDP payload over IPv4 (65535 - 20 - 8). */
 const MAX_UDP_PAYLOAD = 65507;
@@ -44,6 +53,10 @@ const CLOSE_GRACE_MS = 1000;
 const ERROR_LOG_INTERVAL_MS = 10_000;
 /** Parsed destinations remembered per endpoint (a server talks to many peers); cleared when full. */
 const ADDRESS_CACHE_LIMIT = 4096;
+/** Datagrams read per wake-up after the one dgram delivered, before other work gets a turn. */
+const RECEIVE_BATCH = 64;
+/** Room for any UDP payload, so no datagram read directly is cut short. */
+const RECEIVE_BUFFER_SIZE = 65536;
 
 export interface UdpOptions {
   mtu: number;
@@ -55,6 +68,8 @@ export interface UdpOptions {
 interface Destination {
   host: string;
   port: number;
+  /** struct sockaddr_in for direct sends (IPv4 sockets); undefined: through dgram. */
+  sockaddr: Buffer | undefined;
 }
 
 /**
@@ -91,7 +106,7 @@ function parseDestination(to: string): Destination {
   if (family !== (to.startsWith('[') ? 6 : 4) || !/^\d{1,5}$/.test(portText) || port < 1 || port > 65535) {
     throw new RangeError(`udp transport: "${to.slice(0, 60)}" is not a numeric ip:port destination`);
   }
-  return { host, port };
+  return { host, port, sockaddr: undefined };
 }
 
 class UdpEndpoint implements DatagramEndpoint {
@@ -108,6 +123,9 @@ class UdpEndpoint implements DatagramEndpoint {
   private graceTimer: NodeJS.Timeout | undefined;
   private sendErrors = 0;
   private lastErrorLog = 0;
+  /** Direct sendto/recvfrom on the socket's fd; undefined once the socket closes, or where unavailable. */
+  private io: UdpIo | undefined;
+  private receiveBuffer: Buffer | undefined;
   /** Datagrams dropped because too many sends were in flight (for debugging). */
   dropped = 0;
 
@@ -120,6 +138,7 @@ class UdpEndpoint implements DatagramEndpoint {
   ) {
     const bound = socket.address();
     this.localAddress = formatHostPort(bound.address, bound.port);
+    this.io = openUdpIo(socket);
     socket.on('message', (data, rinfo) => {
       if (this.closing) return;
       // dgram hands each message its own buffer; formatHostPort keeps ::ffff:a.b.c.d as is, so send() can answer it.
@@ -130,6 +149,7 @@ class UdpEndpoint implements DatagramEndpoint {
         return;
       }
       this.deliver(handlers, data, from);
+      if (this.io !== undefined) this.readQueued(handlers);
     });
     socket.on('error', (err) => {
       // An unconnected UDP socket reports send failures to the send callback;
@@ -140,6 +160,7 @@ class UdpEndpoint implements DatagramEndpoint {
     });
     socket.on('close', () => {
       this.socketClosed = true;
+      this.io = undefined;
       clearTimeout(this.graceTimer);
       this.onGone(this);
       this.deliverClose();
@@ -161,6 +182,11 @@ class UdpEndpoint implements DatagramEndpoint {
     });
   }
 
+  /** Datagrams handed to dgram that it has not sent yet: while 0, the endpoint holds no datagram's memory. */
+  get pending(): number {
+    return this.inflight;
+  }
+
   send(datagram: Buffer, to: string): boolean {
     if (datagram.length > this.maxDatagramSize) {
       throw new RangeError(`udp transport: a datagram of ${datagram.length} bytes exceeds maxDatagramSize ${this.maxDatagramSize}`);
@@ -168,10 +194,23 @@ class UdpEndpoint implements DatagramEndpoint {
     let dest = this.destinations.get(to);
     if (dest === undefined) {
       dest = parseDestination(to);
+      if (this.io !== undefined) dest.sockaddr = sockaddrIn(dest.host, dest.port);
       if (this.destinations.size >= ADDRESS_CACHE_LIMIT) this.destinations.clear();
       this.destinations.set(to, dest);
     }
     if (this.closing) return false;
+    const io = this.io;
+    // Direct while nothing waits in dgram's queue, so datagrams leave in the order they were sent.
+    if (io !== undefined && this.inflight === 0 && dest.sockaddr !== undefined) {
+      const errno = io.send(datagram, dest.sockaddr);
+      if (errno === 0) return true;
+      if (errno !== EAGAIN && errno !== ENOBUFS) {
+        // This datagram failed (no route, refused by a firewall...): lost, as UDP may lose it.
+        this.noteSendError(io.error(errno));
+        return true;
+      }
+      // The kernel's send buffer is full: dgram queues the datagram and sends it when there is room.
+    }
     if (this.inflight >= this.sendQueue) {
       this.dropped++;
       this.wantsDrain = true;
@@ -223,6 +262,24 @@ class UdpEndpoint implements DatagramEndpoint {
     }
   };
 
+  /**
+   * Reads what the kernel has queued beyond the datagram dgram just
+   * delivered, up to RECEIVE_BATCH. Each gets its own buffer (the receiver
+   * may keep it), copied from one read buffer sized for any datagram.
+   */
+  private readQueued(handlers: DatagramHandlers): void {
+    const buf = (this.receiveBuffer ??= Buffer.allocUnsafe(RECEIVE_BUFFER_SIZE));
+    for (let i = 0; i < RECEIVE_BATCH; i++) {
+      const io = this.io;
+      if (io === undefined || this.closing) return;
+      const n = io.receive(buf);
+      if (n < 0) return;
+      const data = Buffer.allocUnsafe(n);
+      buf.copy(data, 0, 0, n);
+      this.deliver(handlers, data, io.from);
+    }
+  }
+
   private deliver(handlers: DatagramHandlers, data: Buffer, from: string): void {
     try {
       handlers.datagram(data, from);
@@ -243,6 +300,8 @@ class UdpEndpoint implements DatagramEndpoint {
   private closeSocket(): void {
     if (this.socketClosed) return;
     clearTimeout(this.graceTimer);
+    // The fd number may be reused once dgram closes it.
+    this.io = undefined;
     try {
       this.socket.close();
     } catch {

@@ -228,6 +228,34 @@ for (const [label, cipher, hash] of [
   });
 }
 
+test('sendInPlace seals a payload where payloadBuffer() put it; the memory is reused only while the endpoint holds no datagram', async () => {
+  const w = world();
+  const { net, clientEnd, served } = setup(w);
+  try {
+    const client = await withTimeout(connectDatagramSession(clientEnd, SERVER, clientOpts(w)), 3000, 'handshake');
+    const s = collector(await withTimeout(served.firstSession, 3000, 'server session'));
+    const first = client.payloadBuffer!();
+    assert.ok(first.length >= client.maxPayload, 'room for the largest payload');
+    numbered(1, 100).copy(first);
+    assert.ok(client.sendInPlace!(first.subarray(0, 100)));
+    const second = client.payloadBuffer!();
+    assert.is(second.buffer, first.buffer, 'the endpoint took the datagram at once: the same memory again');
+    clientEnd.pending = 1;
+    numbered(2, client.maxPayload).copy(second);
+    assert.ok(client.sendInPlace!(second.subarray(0, client.maxPayload)));
+    assert.ok(client.payloadBuffer!().buffer !== second.buffer, 'the endpoint may still hold it: new memory');
+    clientEnd.pending = 0;
+    assert.ok(client.sendInPlace!(numbered(3, 50)), 'a payload from elsewhere is copied, not written around');
+    await until(() => s.got.length >= 3, 3000, 'records');
+    assert.ok(s.got[0]!.equals(numbered(1, 100)));
+    assert.ok(s.got[1]!.equals(numbered(2, client.maxPayload)));
+    assert.ok(s.got[2]!.equals(numbered(3, 50)));
+    client.close();
+  } finally {
+    net.close();
+  }
+});
+
 test('reordered and duplicated records: each payload delivered exactly once', async () => {
   const w = world();
   const random = seededRandom(7);

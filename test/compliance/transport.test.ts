@@ -633,13 +633,17 @@ function datagramSuite(name: string, make: Make<DatagramTransportPlugin>): void 
     assertDatagrams(b.got, [10, 11, 12], a.endpoint.localAddress, 'early datagrams');
   });
 
-  s('backpressure: send() returns false when too much is in flight, then drain follows', async () => {
+  s('backpressure: send() hands each datagram to the OS at once, or returns false at a bound and drain follows', async () => {
     const a = probeEndpoint(await bind());
     const b = probeEndpoint(await bind());
     let sent = 0;
     while (a.endpoint.send(patterned(sent, 1), b.endpoint.localAddress)) {
       sent++;
-      if (sent > 1_000_000) assert.unreachable('send() never returned false');
+      if (sent === 100_000) {
+        // Nothing backed up (a kernel that takes every datagram, as loopback does): then nothing may be held either.
+        assert.is(a.endpoint.pending, 0, 'an endpoint whose send() never says false holds no datagram');
+        return;
+      }
     }
     await a.until(() => a.drains >= 1, 5_000, 'drain after false');
     assert.ok(a.endpoint.send(patterned(0, 1), b.endpoint.localAddress), 'send works again after drain');

@@ -40,6 +40,8 @@ export interface MemEndpoint extends DatagramEndpoint {
   /** What peers see as `from` (changes with net.move). */
   readonly publicAddress: string;
   readonly closed: boolean;
+  /** 0: send() copies each datagram, so it holds none. A test may set it to make senders assume it holds them. */
+  pending: number;
 }
 
 export class DatagramNet {
@@ -105,6 +107,7 @@ export class DatagramNet {
 class MemEndpointImpl implements MemEndpoint {
   readonly sent = { count: 0, bytes: 0, to: new Map<string, number>() };
   closed = false;
+  pending = 0;
   private handlers: DatagramHandlers | undefined;
   private early: Array<{ data: Buffer; from: string }> = [];
 

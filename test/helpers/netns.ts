@@ -58,6 +58,7 @@ const PACKAGE_OF: Record<string, string> = {
   curl: 'curl',
   dig: 'dnsutils',
   unshare: 'util-linux',
+  tc: 'iproute2',
 };
 
 /** True when `tool` is an executable on PATH (or the usual sbin/bin directories). */
