@@ -466,6 +466,8 @@ export class Mux {
   private readonly maxStreams: number;
   private readonly maxUdp: number;
   private readonly lossy: boolean;
+  /** Packets longer than this have a payload to themselves (lossy mode: one record per datagram); Infinity otherwise. */
+  private readonly soloPacket: number;
   private readonly udpIdleMs: number;
   /** Lossy mode, server: checks associations for idleness while there are any. */
   private udpSweep: NodeJS.Timeout | undefined;
@@ -542,6 +544,8 @@ export class Mux {
     this.minFragment = Math.min(1024, (this.maxPayload - FRAME_HEADER) >>> 1);
     const fits = Math.min(0xffff, this.maxPayload - FRAME_HEADER);
     this.maxPacket = opts.maxPacket === undefined ? fits : Math.max(1, Math.min(fits, Math.floor(opts.maxPacket)));
+    // Room left beside such a packet is less than a frame with the smallest IP packet (20 bytes).
+    this.soloPacket = this.lossy ? this.maxPayload - 2 * FRAME_HEADER - 20 : Infinity;
   }
 
   // Made when the first stream or association needs them: a session that carries only packets
@@ -674,6 +678,21 @@ export class Mux {
   sendPacket(packet: Uint8Array): boolean {
     const n = packet.length;
     if (this.closed || n === 0 || n > this.maxPacket) return false;
+    if (n > this.soloPacket && !this.flushScheduled && !this.flushing && !this.congested && this.opts.payloadBuffer !== undefined) {
+      // Nothing waits before it and nothing could share its payload: framed straight into the session's
+      // memory and sent now, without a copy into the queue or a flush to wait for (a datagram per packet).
+      const memory = this.opts.payloadBuffer();
+      writeHeader(memory, 0, FrameType.PACKET, 0, n);
+      memory.set(packet, FRAME_HEADER);
+      this._bytesOut += n;
+      this.flushing = true;
+      try {
+        this.sendPayload(memory.subarray(0, FRAME_HEADER + n));
+      } finally {
+        this.flushing = false;
+      }
+      return true;
+    }
     if (this.packetBytes + n > MAX_PACKET_QUEUE) return false;
     const copy = Buffer.allocUnsafe(n);
     copy.set(packet);
@@ -1383,20 +1402,7 @@ export class Mux {
       while (!this.congested && !this.closed) {
         const payload = this.assemble();
         if (payload === null) break;
-        this.inSend = true;
-        this.drainedDuringSend = false;
-        let ok: boolean;
-        try {
-          ok = this.opts.send(payload);
-        } catch (err) {
-          this.inSend = false;
-          this.log.error('mux: send threw; closing the mux', { error: errorText(err) });
-          this.close(err instanceof Error ? err : new Error(String(err)));
-          return;
-        }
-        this.inSend = false;
-        if (!ok && !this.drainedDuringSend) this.congested = true;
-        this._lastActivity = Date.now();
+        if (!this.sendPayload(payload)) return;
         if (this.done.length > 0) {
           // Their bytes are out: let the writers go on (they may write again, re-entering streamWrite).
           const done = this.done;
@@ -1415,6 +1421,25 @@ export class Mux {
     } finally {
       this.flushing = false;
     }
+  }
+
+  /** Hands one payload to the session. False when send threw and the mux closed. */
+  private sendPayload(payload: Buffer): boolean {
+    this.inSend = true;
+    this.drainedDuringSend = false;
+    let ok: boolean;
+    try {
+      ok = this.opts.send(payload);
+    } catch (err) {
+      this.inSend = false;
+      this.log.error('mux: send threw; closing the mux', { error: errorText(err) });
+      this.close(err instanceof Error ? err : new Error(String(err)));
+      return false;
+    }
+    this.inSend = false;
+    if (!ok && !this.drainedDuringSend) this.congested = true;
+    this._lastActivity = Date.now();
+    return true;
   }
 
   /** Build one payload: control frames, then datagrams, then DATA round-robin. Null when idle. */

@@ -208,4 +208,49 @@ test('a ping with no answer still times out, and stops resending', async () => {
   }
 });
 
+test('TUN packets: a full-size one goes out within sendPacket, framed in the session\'s memory; small ones sent in one tick share a payload', async () => {
+  const memory = Buffer.alloc(1427);
+  const sent: Buffer[] = [];
+  const got: Buffer[] = [];
+  const inMemory: boolean[] = [];
+  const mux = new Mux({
+    side: 'client',
+    lossy: true,
+    maxPayload: 1427,
+    maxPacket: 1420,
+    log: memoryLogger(),
+    payloadBuffer: () => memory,
+    send: (p) => {
+      inMemory.push(p.buffer === memory.buffer && p.byteOffset === 0);
+      sent.push(Buffer.from(p));
+      return true;
+    },
+  });
+  const peer = new Mux({ side: 'server', lossy: true, maxPayload: 1427, maxPacket: 1420, log: memoryLogger(), send: () => true, onPacket: (p) => void got.push(Buffer.from(p)) });
+  try {
+    const big = Buffer.alloc(1420, 0xab);
+    assert.ok(mux.sendPacket(big));
+    assert.is(sent.length, 1, 'sent before sendPacket returned');
+    assert.is(sent[0]!.length, FRAME_HEADER + 1420, 'one PACKET frame');
+    assert.ok(inMemory[0], 'assembled in the memory payloadBuffer() gave');
+    big.fill(0); // the caller may reuse its buffer at once
+    for (let i = 0; i < 3; i++) assert.ok(mux.sendPacket(Buffer.alloc(52, i + 1)));
+    assert.is(sent.length, 1, 'small packets wait for the flush');
+    await sleep(0);
+    assert.is(sent.length, 2, 'and go out together');
+    assert.equal(frameTypes(sent[1]!), [FrameType.PACKET, FrameType.PACKET, FrameType.PACKET]);
+    // Queued small packets first, then a big one in the same tick: the big one waits its turn.
+    assert.ok(mux.sendPacket(Buffer.alloc(40, 7)));
+    assert.ok(mux.sendPacket(Buffer.alloc(1420, 8)));
+    assert.is(sent.length, 2, 'behind a queued packet, a big one is queued too');
+    await sleep(0);
+    assert.is(sent.length, 4);
+    for (const payload of sent) peer.receive(payload);
+    assert.equal(got.map((p) => [p.length, p[0]]), [[1420, 0xab], [52, 1], [52, 2], [52, 3], [40, 7], [1420, 8]]);
+  } finally {
+    mux.close();
+    peer.close();
+  }
+});
+
 test.run();
