@@ -317,9 +317,9 @@ class Connection {
       get up(): boolean {
         return connection.live !== undefined;
       },
-      send(packet: Uint8Array): boolean {
+      send(packet: Uint8Array, alone?: boolean): boolean {
         const live = connection.live;
-        return live !== undefined && live.mux.sendPacket(packet);
+        return live !== undefined && live.mux.sendPacket(packet, alone);
       },
       onPacket(handler: (packet: Buffer) => void): void {
         connection.packetHandler = handler;

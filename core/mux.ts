@@ -674,13 +674,20 @@ export class Mux {
    * Send one IP packet (TUN mode). It is copied before this returns. False
    * when it was dropped: the mux is closed, the packet is empty or longer than
    * maxPacket, or MAX_PACKET_QUEUE bytes already wait for a congested session.
+   *
+   * Packets wait for the flush at the end of the turn, so that those read
+   * together share a payload, except when nothing waits before the packet
+   * and nothing would share its payload: nothing else comes this turn
+   * (`alone`: the TUN device read it by itself), or, over a datagram session
+   * (lossy mode, a payload per datagram), the packet is too large to leave
+   * room. Then it is framed straight into the session's memory and sent
+   * within the call: a packet that comes alone (a ping, a request) does not
+   * pay for the queue and the flush.
    */
-  sendPacket(packet: Uint8Array): boolean {
+  sendPacket(packet: Uint8Array, alone = false): boolean {
     const n = packet.length;
     if (this.closed || n === 0 || n > this.maxPacket) return false;
-    if (n > this.soloPacket && !this.flushScheduled && !this.flushing && !this.congested && this.opts.payloadBuffer !== undefined) {
-      // Nothing waits before it and nothing could share its payload: framed straight into the session's
-      // memory and sent now, without a copy into the queue or a flush to wait for (a datagram per packet).
+    if ((alone || n > this.soloPacket) && !this.flushScheduled && !this.flushing && !this.congested && this.opts.payloadBuffer !== undefined) {
       const memory = this.opts.payloadBuffer();
       writeHeader(memory, 0, FrameType.PACKET, 0, n);
       memory.set(packet, FRAME_HEADER);

@@ -165,7 +165,7 @@ class PacketRouter implements ServerTun {
     private readonly dev: TunDevice,
     private readonly log: Logger,
   ) {
-    dev.onPacket((packet) => this.fromTun(packet));
+    dev.onPacket((packet, alone) => this.fromTun(packet, alone));
     dev.onError((err) => log.error(`the TUN device failed: ${err.message}; TUN clients get no packets until the server restarts`));
   }
 
@@ -226,7 +226,7 @@ class PacketRouter implements ServerTun {
   }
 
   /** A packet from the kernel: to the session that owns the destination address. */
-  private fromTun(packet: Buffer): void {
+  private fromTun(packet: Buffer, alone: boolean): void {
     const version = packet.length > 0 ? packet[0]! >> 4 : 0;
     let host = -1;
     if (version === 4 && packet.length >= 20) host = this.pool.hostOf4(packet.readUInt32BE(16));
@@ -237,7 +237,7 @@ class PacketRouter implements ServerTun {
       return;
     }
     // sendPacket copies: the TUN's buffer is only valid during this call.
-    if (mux.sendPacket(packet)) this.counters.fromTun++;
+    if (mux.sendPacket(packet, alone)) this.counters.fromTun++;
   }
 
   stats() {

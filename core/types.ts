@@ -431,8 +431,11 @@ export interface TunnelPackets {
   /**
    * Send one IP packet (copied before return). False when it was dropped:
    * tunnel down, congested, or larger than params.mtu. Never queues unboundedly.
+   * `alone`: no more packets follow in this turn of the event loop (the TUN
+   * device read this one by itself), so it may go out at once instead of
+   * waiting to share a record with others (see Mux.sendPacket).
    */
-  send(packet: Uint8Array): boolean;
+  send(packet: Uint8Array, alone?: boolean): boolean;
   /** Packets from the server; the buffer is valid only during the call. One handler; a later call replaces it. */
   onPacket(handler: (packet: Buffer) => void): void;
   /** Called on every session up after the first (a reconnect), with that session's parameters. */

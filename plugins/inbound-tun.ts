@@ -129,8 +129,8 @@ class TunInbound implements InboundPlugin {
     if (o.dns && params.dns.length > 0) await net.setDns(params.dns, { path: o.resolvConf });
 
     // The data path: no await, no event bus. TUN -> tunnel copies (send copies); tunnel -> TUN copies into the ring.
-    dev.onPacket((packet) => {
-      if (!packets.send(packet)) this.dropped++;
+    dev.onPacket((packet, alone) => {
+      if (!packets.send(packet, alone)) this.dropped++;
     });
     packets.onPacket((packet) => {
       if (!dev.write(packet)) this.dropped++;

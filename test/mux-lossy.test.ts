@@ -253,4 +253,34 @@ test('TUN packets: a full-size one goes out within sendPacket, framed in the ses
   }
 });
 
+test('a packet sent alone (read by itself from TUN) goes out within sendPacket, over streams too, unless something waits before it', async () => {
+  for (const lossy of [true, false]) {
+    const memory = Buffer.alloc(lossy ? 1427 : 65535);
+    const sent: number[][] = [];
+    const mux = new Mux({
+      side: 'client',
+      lossy,
+      maxPayload: memory.length,
+      maxPacket: 1420,
+      log: memoryLogger(),
+      payloadBuffer: () => memory,
+      send: (p) => {
+        sent.push(frameTypes(p));
+        return true;
+      },
+    });
+    try {
+      assert.ok(mux.sendPacket(Buffer.alloc(84, 1), true));
+      assert.is(sent.length, 1, `lossy ${lossy}: a small packet alone is sent before sendPacket returns`);
+      assert.ok(mux.sendPacket(Buffer.alloc(84, 2)));
+      assert.ok(mux.sendPacket(Buffer.alloc(84, 3), true));
+      assert.is(sent.length, 1, `lossy ${lossy}: behind a queued packet, even one alone waits`);
+      await sleep(0);
+      assert.equal(sent, [[FrameType.PACKET], [FrameType.PACKET, FrameType.PACKET]], `lossy ${lossy}: the queued two share a payload`);
+    } finally {
+      mux.close();
+    }
+  }
+});
+
 test.run();

@@ -333,11 +333,17 @@ test('multi-queue: N queues are N fds on one device, and traffic flows', async (
   assert.not.ok(await linkExists(dev.name));
 });
 
-/** Sequence numbers (first 4 payload bytes) of the UDP packets to port 9 that reach `dev`, in arrival order. */
-function udpSequences(dev: TunDevice): number[] {
+/**
+ * Sequence numbers (first 4 payload bytes) of the UDP packets to port 9 that
+ * reach `dev`, in arrival order; `alone` gets onPacket's flag for each.
+ */
+function udpSequences(dev: TunDevice, alone: boolean[] = []): number[] {
   const seqs: number[] = [];
-  dev.onPacket((p) => {
-    if (p[0]! >> 4 === 4 && p[9] === 17 && p.readUInt16BE(22) === 9 && p.length >= 32) seqs.push(p.readUInt32BE(28));
+  dev.onPacket((p, isAlone) => {
+    if (p[0]! >> 4 === 4 && p[9] === 17 && p.readUInt16BE(22) === 9 && p.length >= 32) {
+      seqs.push(p.readUInt32BE(28));
+      alone.push(isAlone);
+    }
   });
   return seqs;
 }
@@ -388,7 +394,8 @@ function seqSender(ip: string): (seq: number) => void {
 
 test('packets one at a time are read on the main thread; a burst goes to the pump and back, in order', async () => {
   const dev = await upTun({ name: 'dshrd%d' }, '10.13.0.1/24');
-  const seqs = udpSequences(dev);
+  const alone: boolean[] = [];
+  const seqs = udpSequences(dev, alone);
   const send = seqSender('10.13.0.2');
   let seq = 0;
   const sparse = async (n: number) => {
@@ -402,6 +409,7 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
   await waitFor('the sparse packets', () => seqs.length === 5);
   let s = dev.stats();
   assert.is(s.rxDirect, s.rxPackets, `one at a time, the main thread reads them all: ${JSON.stringify(s)}`);
+  assert.equal(alone, [true, true, true, true, true], 'each read by itself is delivered as alone');
 
   // A burst: 40 x 50 packets, yielding between chunks so both readers get turns.
   for (let chunk = 0; chunk < 40; chunk++) {
@@ -413,6 +421,7 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
   await waitSettled('the burst to settle', () => seqs.length);
   s = dev.stats();
   assert.ok(s.rxPackets - s.rxDirect > 0, `the pump read part of the burst: ${JSON.stringify(s)}`);
+  assert.ok(alone.slice(5).includes(false), 'what the pump read comes as part of a batch (not alone)');
   assert.ok(seqs.length > 100, `the burst arrived (${seqs.length} of ${burstEnd})`);
   for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `in order: ${seqs[i - 1]} then ${seqs[i]} at ${i}`);
 
@@ -421,6 +430,7 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
   const seen = seqs.length;
   await sparse(5);
   await waitFor('the sparse packets after the burst', () => seqs.length === seen + 5);
+  assert.equal(alone.slice(seen), [true, true, true, true, true], 'alone again');
   // At least our 5 (the kernel may send the device IPv6 router solicitations meanwhile).
   assert.ok(dev.stats().rxDirect >= directBefore + 5, `read on the main thread again: ${JSON.stringify(dev.stats())}`);
   await dev.close();

@@ -231,7 +231,7 @@ export interface TunDevice {
    * shared memory valid only during the call: copy what must outlive it.
    * Packets wait (bounded; then the kernel drops) until a handler is set.
    */
-  onPacket(handler: (packet: Buffer) => void): void;
+  onPacket(handler: (packet: Buffer, alone: boolean) => void): void;
   /** After write() returned false: there is room again. */
   onDrain(handler: () => void): void;
   /** The device failed (removed from outside, a pump died). The device is closed after this. */
@@ -336,7 +336,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
   const maxPacket = 65535;
   const queues: QueueState[] = [];
   const workers: import('node:worker_threads').Worker[] = [];
-  let packetHandler: ((packet: Buffer) => void) | undefined;
+  let packetHandler: ((packet: Buffer, alone: boolean) => void) | undefined;
   let drainHandler: (() => void) | undefined;
   let errorHandler: ((err: DshieldError) => void) | undefined;
   let closing = false;
@@ -429,10 +429,10 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
   }
 
   /** One packet to the handler: a Buffer view (the handler's type), valid during the call. */
-  const deliverBuffer = (packet: Buffer) => {
+  const deliverBuffer = (packet: Buffer, alone: boolean) => {
     stats.rxPackets++;
     try {
-      packetHandler!(packet);
+      packetHandler!(packet, alone);
     } catch (err) {
       // A throwing handler is a bug in our code, not the network's: report it, keep the device.
       if (errorHandler) errorHandler(new DshieldError(ErrorCodes.INTERNAL, `TUN packet handler threw: ${(err as Error).message}`, { cause: err }));
@@ -442,12 +442,13 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     }
   };
   /** A packet from a pump's ring (a view of shared memory). */
-  const deliver = (packet: Uint8Array) => deliverBuffer(Buffer.from(packet.buffer, packet.byteOffset, packet.length));
+  const deliver = (packet: Uint8Array) => deliverBuffer(Buffer.from(packet.buffer, packet.byteOffset, packet.length), false);
 
   /** A packet the main thread read itself; false when it handed reading to the pump. */
   function readDirect(q: QueueState, packet: Buffer): boolean {
     stats.rxDirect++;
-    deliverBuffer(packet);
+    // One read, one packet: nothing else comes in this turn, so it need not wait to share a record.
+    deliverBuffer(packet, true);
     if (!q.reads.tick(performance.now())) return true;
     // Coming fast: the pump's core does the reads. This thread reads no more
     // (the reader stops before its next read), so the order is kept.
