@@ -24,6 +24,7 @@
 import type dgram from 'node:dgram';
 import { createRequire } from 'node:module';
 import { endianness } from 'node:os';
+import { errnoNames } from './errno-names.ts';
 
 type Koffi = typeof import('koffi');
 
@@ -75,10 +76,7 @@ function bindCalls(): Calls | null {
     const lib = koffi.load('libc.so.6');
     const sendto = lib.func('long sendto(int fd, const void *buf, unsigned long len, int flags, const void *addr, unsigned int addrlen)');
     const recvfrom = lib.func('long recvfrom(int fd, void *buf, unsigned long len, int flags, void *addr, void *addrlen)');
-    const names = new Map<number, string>();
-    for (const [name, value] of Object.entries(koffi.os.errno as Record<string, number>)) {
-      if (!names.has(value)) names.set(value, name);
-    }
+    const names = errnoNames(koffi);
     calls = {
       sendto: sendto as Calls['sendto'],
       recvfrom: recvfrom as Calls['recvfrom'],

@@ -9,6 +9,7 @@
  */
 import { createRequire } from 'node:module';
 import { DshieldError, ErrorCodes } from '../errors.ts';
+import { errnoNames } from '../errno-names.ts';
 
 type Koffi = typeof import('koffi');
 
@@ -97,10 +98,7 @@ export function libc(): Libc {
   const socket = lib.func('int socket(int domain, int type, int protocol)');
   const close = lib.func('int close(int fd)');
   const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
-  const names = new Map<number, string>();
-  for (const [name, value] of Object.entries(koffi.os.errno as Record<string, number>)) {
-    if (!names.has(value)) names.set(value, name);
-  }
+  const names = errnoNames(koffi);
   cached = {
     ioctlPtr: (fd, request, arg) => ioctl(fd, request, 'void *', arg) as number,
     read: (fd, buf, len) => read(fd, buf, len) as number,
