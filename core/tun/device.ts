@@ -230,6 +230,8 @@ export interface TunDevice {
    * IPv6 packet per call, without a packet-info header. `packet` is a view of
    * shared memory valid only during the call: copy what must outlive it.
    * Packets wait (bounded; then the kernel drops) until a handler is set.
+   * `alone` is true for a packet the main thread read by itself (no other
+   * follows in this turn) and false for those a pump read in a batch.
    */
   onPacket(handler: (packet: Buffer, alone: boolean) => void): void;
   /** After write() returned false: there is room again. */
