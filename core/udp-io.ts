@@ -24,12 +24,10 @@
 import type dgram from 'node:dgram';
 import { createRequire } from 'node:module';
 import { endianness } from 'node:os';
-import { errnoNames } from './errno-names.ts';
+import { errnoNames } from './errno.ts';
 
 type Koffi = typeof import('koffi');
 
-export const EAGAIN = 11;
-export const ENOBUFS = 105;
 const MSG_DONTWAIT = 0x40;
 const AF_INET = 2;
 const SOCKADDR_IN_SIZE = 16;

@@ -41,7 +41,8 @@ import { describeListenError } from '../core/net-errors.ts';
 import { FRAME_HEADER } from '../core/mux.ts';
 import { datagramSizeFor } from '../core/session-datagram.ts';
 import type { DatagramEndpoint, DatagramHandlers, DatagramTransportPlugin, Logger } from '../core/types.ts';
-import { EAGAIN, ENOBUFS, openUdpIo, sockaddrIn, type UdpIo } from '../core/udp-io.ts';
+import { EAGAIN, ENOBUFS } from '../core/errno.ts';
+import { openUdpIo, sockaddrIn, type UdpIo } from '../core/udp-io.ts';
 
 /** The largest UDP payload over IPv4 (65535 - 20 - 8). */
 const MAX_UDP_PAYLOAD = 65507;

@@ -9,7 +9,7 @@
  */
 import { createRequire } from 'node:module';
 import { DshieldError, ErrorCodes } from '../errors.ts';
-import { errnoNames } from '../errno-names.ts';
+import { errnoNames } from '../errno.ts';
 
 type Koffi = typeof import('koffi');
 
@@ -58,8 +58,6 @@ export const SOCK_DGRAM = 2;
 export const SOCK_CLOEXEC = 0o2000000;
 /** fcntl: duplicate to the lowest free fd >= arg, close-on-exec. */
 export const F_DUPFD_CLOEXEC = 1030;
-export const EAGAIN = 11;
-export const EINTR = 4;
 
 /** Architectures whose ioctl numbers match the constants above. */
 const GENERIC_IOCTL_ARCHES = new Set(['x64', 'arm64', 'arm', 'ia32', 'riscv64', 'loong64']);

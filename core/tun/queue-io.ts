@@ -14,7 +14,8 @@
  * is there and hand it over as one batch.
  */
 import { DshieldError, ErrorCodes } from '../errors.ts';
-import { EAGAIN, EINTR, EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLHUP, POLLIN, POLLNVAL, libc, type Libc } from './libc.ts';
+import { EAGAIN, EINTR } from '../errno.ts';
+import { EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLHUP, POLLIN, POLLNVAL, libc, type Libc } from './libc.ts';
 
 export type WaitResult = 'readable' | 'woken' | 'timeout';
 
