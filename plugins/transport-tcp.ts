@@ -41,11 +41,16 @@ const CLOSE_GRACE_MS = 30_000;
  * corks and writes one framed buffer per record (one writev). send() always
  * copies header + record into one buffer: measured on loopback, that beats
  * cork + two writes (a writev of two buffers) at every size up to 16 KiB and
- * beyond, the copy costing less than Node's writev path. (The socket keeps
- * Node's default 16 KiB write high-water mark: raising it to 1 MiB made no
- * measurable difference on loopback, where the kernel's buffers dominate.)
+ * beyond, the copy costing less than Node's writev path.
  */
 const BATCH_CONCAT_MAX = 64 * 1024;
+/**
+ * send() returns false once this many bytes wait in user space (like the ws
+ * transport), not at the socket's own 16 KiB mark: a 64 KiB record alone is
+ * above that, so every record said false and stopped the mux until the
+ * next tick's 'drain', even when the kernel had taken it all.
+ */
+const HIGH_WATER = 256 * 1024;
 
 // Receive states.
 const READ_HEADER = 0;
@@ -190,7 +195,8 @@ class TcpLink implements Link {
   send(record: Buffer): boolean {
     checkSize(record);
     if (this.state !== 'open' || !this.socket.writable) return false;
-    return this.socket.write(frame(record));
+    this.socket.write(frame(record));
+    return this.belowHighWater();
   }
 
   readonly headroom = 2;
@@ -200,7 +206,8 @@ class TcpLink implements Link {
     if (this.state !== 'open' || !this.socket.writable) return false;
     const framed = Buffer.from(record.buffer, record.byteOffset - 2, record.length + 2);
     framed.writeUInt16BE(record.length, 0);
-    return this.socket.write(framed);
+    this.socket.write(framed);
+    return this.belowHighWater();
   }
 
   sendBatch(records: Buffer[]): boolean {
@@ -210,7 +217,7 @@ class TcpLink implements Link {
       total += 2 + r.length;
     }
     if (this.state !== 'open' || !this.socket.writable) return false;
-    if (records.length === 0) return this.socket.writableLength < this.socket.writableHighWaterMark;
+    if (records.length === 0) return this.belowHighWater();
     if (total <= BATCH_CONCAT_MAX) {
       const out = Buffer.allocUnsafe(total);
       let at = 0;
@@ -218,13 +225,21 @@ class TcpLink implements Link {
         out.writeUInt16BE(r.length, at);
         at += 2 + r.copy(out, at + 2);
       }
-      return this.socket.write(out);
+      this.socket.write(out);
+    } else {
+      this.socket.cork();
+      for (const r of records) this.socket.write(frame(r));
+      this.socket.uncork();
     }
-    this.socket.cork();
-    let ok = true;
-    for (const r of records) ok = this.socket.write(frame(r));
-    this.socket.uncork();
-    return ok;
+    return this.belowHighWater();
+  }
+
+  /**
+   * Above HIGH_WATER the socket's own write said false too (its mark is
+   * lower), so its 'drain' is due: that is handlers.drain().
+   */
+  private belowHighWater(): boolean {
+    return this.socket.writableLength < HIGH_WATER;
   }
 
   close(): void {
