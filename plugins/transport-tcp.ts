@@ -3,11 +3,16 @@
  *
  *   2-byte big-endian length || record        (length 0..65535; 0 is legal)
  *
- * Receiving is an explicit two-state machine (reading a header / reading a
- * body). A record that lies inside one chunk from the socket is handed over
- * as a subarray of that chunk, without copying; only a record split across
- * chunks is assembled, into a buffer of exactly its size, so every byte is
- * copied at most once. Per link at most one partial record (< 64 KiB) is held.
+ * Receiving (RecordReader) never copies a whole record that the socket read
+ * in one piece. A dialed socket reads straight into memory the reader sizes
+ * from the headers it has seen (net.Socket's `onread`), so records of the
+ * largest size arrive whole and in place; measured on loopback, 1 GiB of
+ * 65535-byte records: the receiving process's CPU 0.86-1.05 -> 0.55-0.68 s,
+ * a third fewer reads. Node offers `onread` only for sockets it creates, so
+ * an accepted socket reads 'data' events: a record inside one chunk is a
+ * subarray of it, one split across chunks is assembled into a buffer of its
+ * size. Per link at most one read buffer (256 KiB when dialed) or one
+ * partial record (< 64 KiB when accepted) is held.
  *
  * Any byte stream parses as records (a 2-byte length cannot be invalid), so
  * garbage from a scanner reaches the session layer as records it discards:
@@ -15,9 +20,9 @@
  *
  * Sending: `sendInPlace` writes the length into the 2 bytes the caller left
  * free before the record and hands that region to the socket with no copy;
- * `send` copies header and record into one buffer. Both return
- * socket.write's answer; after a false, the socket's 'drain' becomes
- * `handlers.drain()`. A record larger than 65535 bytes is a caller's bug, not
+ * `send` copies header and record into one buffer. They return false once
+ * HIGH_WATER bytes wait in user space; after a false, the socket's 'drain'
+ * becomes `handlers.drain()`. A record larger than 65535 bytes is a caller's bug, not
  * network input: `send`/`sendInPlace`/`sendBatch` throw a RangeError for it
  * (and write nothing), so it fails loudly instead of stalling a caller that
  * would wait for a drain that never comes.
@@ -57,8 +62,31 @@ const READ_HEADER = 0;
 const READ_BODY = 1;
 
 /**
- * Splits a byte stream into records. `push` takes every chunk as it arrives
- * and calls `deliver` once per whole record, in order.
+ * Memory for reads into a reader (onread), taken when the next record does
+ * not fit in what is left: four records of the largest size, each with its
+ * header, and the header after them. Records of that size (bulk traffic)
+ * then tile it exactly, however the kernel splits the reads, and only the
+ * next header is moved to the new memory; a smaller record that does not fit
+ * is moved once, so at most one record per 256 KiB is copied. Reads take
+ * what the kernel has, up to what is left (Node reads at most 64 KiB).
+ */
+const FRESH_READ = 4 * (2 + MAX_RECORD) + 2;
+/** Below this much room left, a read goes to fresh memory rather than the rest of the last. */
+const MIN_ROOM = 4096;
+const NO_MEMORY = Buffer.alloc(0);
+
+/**
+ * Splits a byte stream into records and calls `deliver` once per whole
+ * record, in order. It is fed in one of two ways, never both:
+ *
+ * - `push(chunk)`: chunks the socket read into its own memory ('data'
+ *   events). A record inside one chunk is a subarray of it; a record split
+ *   across chunks is assembled into a buffer of exactly its size.
+ * - `readBuffer()` / `wrote(n)`: the socket reads into memory this reader
+ *   hands out (net.Socket's `onread`), sized from the headers it has seen
+ *   (FRESH_READ), so the kernel copies each record into the memory it is
+ *   delivered in. Only a record that starts too late in one piece of memory
+ *   to fit is moved, once, to the front of the next.
  */
 export class RecordReader {
   private state = READ_HEADER;
@@ -67,6 +95,11 @@ export class RecordReader {
   /** The record being assembled across chunks (READ_BODY only). */
   private body: Buffer | null = null;
   private filled = 0;
+
+  /** onread mode: the memory the socket reads into, its filled length, and the first byte not yet parsed. */
+  private memory: Buffer = NO_MEMORY;
+  private end = 0;
+  private at = 0;
 
   constructor(private readonly deliver: (record: Buffer) => void) {}
 
@@ -110,6 +143,42 @@ export class RecordReader {
       }
     }
   }
+
+  /**
+   * Where the socket should read next: the unwritten rest of the current
+   * memory, never empty. The reader never writes into memory it has handed
+   * out; delivered records are views of it, so once it is left behind it
+   * lives as long as someone holds one of its records.
+   */
+  readBuffer(): Buffer {
+    const memory = this.memory;
+    const have = this.end - this.at;
+    // Room the next record needs from its first byte: itself and the header after it (or MIN_ROOM, unknown yet).
+    const need = have >= 2 ? 2 + memory.readUInt16BE(this.at) + 2 : MIN_ROOM;
+    if (this.at + need > memory.length) {
+      // The partial record moves to the front of fresh memory: in bulk traffic that is one header.
+      const fresh = Buffer.allocUnsafeSlow(FRESH_READ);
+      memory.copy(fresh, 0, this.at, this.end);
+      this.memory = fresh;
+      this.at = 0;
+      this.end = have;
+    }
+    return this.memory.subarray(this.end);
+  }
+
+  /** The socket put `n` bytes at the start of the last `readBuffer()`: deliver every record now whole. */
+  wrote(n: number): void {
+    const memory = this.memory;
+    let end = (this.end += n);
+    while (end - this.at >= 2) {
+      const at = this.at;
+      const length = memory.readUInt16BE(at);
+      if (end - at - 2 < length) break;
+      this.at = at + 2 + length;
+      this.deliver(memory.subarray(at + 2, at + 2 + length));
+      end = this.end;
+    }
+  }
 }
 
 function checkSize(record: Buffer): void {
@@ -131,26 +200,29 @@ class TcpLink implements Link {
   readonly remoteAddress: string;
   private handlers: LinkHandlers | undefined;
   private readonly reader: RecordReader;
+  private readonly readsInPlace: boolean;
   /** 'open' -> 'closing' (close()/destroy() called) -> 'closed' (the socket is gone). */
   private state: 'open' | 'closing' | 'closed' = 'open';
   private error: Error | undefined;
   private closeDelivered = false;
   private graceTimer: NodeJS.Timeout | undefined;
 
+  /**
+   * `reader`: the socket was made with `onread` feeding it (see dial), and it
+   * delivers to `receive`. Without one, the link reads 'data' events.
+   */
   constructor(
     private readonly socket: net.Socket,
     private readonly log: Logger,
+    reader?: RecordReader,
   ) {
     socket.setNoDelay(true);
     // Nothing is delivered before start(). Accepted sockets are not read at all
-    // until then (pauseOnConnect); a dialed one reads at most its 16 KiB
-    // highWaterMark into memory and leaves the rest in the kernel.
+    // until then (pauseOnConnect); a dialed one is paused before its first read.
     socket.pause();
     this.remoteAddress = formatPeer(socket.remoteAddress, socket.remotePort);
-    this.reader = new RecordReader((record) => {
-      // A handler may close the link in the middle of a chunk: stop delivering then.
-      if (this.state === 'open') this.handlers!.record(record);
-    });
+    this.readsInPlace = reader !== undefined;
+    this.reader = reader ?? new RecordReader((record) => this.receive(record));
     socket.on('error', (err) => {
       this.error ??= err;
       this.log.debug('link error', { remote: this.remoteAddress, error: err.message });
@@ -181,15 +253,28 @@ class TcpLink implements Link {
       process.nextTick(() => this.deliverClose());
       return;
     }
-    this.socket.on('data', (chunk: Buffer) => {
-      if (this.state !== 'open') return; // after close(): read to EOF, discard
-      try {
-        this.reader.push(chunk);
-      } catch (err) {
-        this.fail(err);
-      }
-    });
+    if (!this.readsInPlace) {
+      this.socket.on('data', (chunk: Buffer) => {
+        if (this.state !== 'open') return; // after close(): read to EOF, discard
+        try {
+          this.reader.push(chunk);
+        } catch (err) {
+          this.fail(err);
+        }
+      });
+    }
     this.socket.resume();
+  }
+
+  /** One whole record from the reader. */
+  receive(record: Buffer): void {
+    // After close() the socket is read to EOF and discarded; a handler may also close the link mid-chunk.
+    if (this.state !== 'open') return;
+    try {
+      this.handlers!.record(record);
+    } catch (err) {
+      this.fail(err);
+    }
   }
 
   send(record: Buffer): boolean {
@@ -371,7 +456,25 @@ export default definePlugin<'transport', TcpOptions>({
       if (aborted) return Promise.reject(abortError(aborted));
 
       return new Promise<Link>((resolve, reject) => {
-        const socket = net.connect({ host, port, noDelay: true, keepAlive, keepAliveInitialDelay: keepAliveMs });
+        // The socket reads into the reader's memory (onread), so records arrive whole;
+        // Node offers this only for sockets it creates, so accepted ones read 'data'.
+        // Nothing is read before 'connect' has made the link and paused the socket.
+        let link: TcpLink | undefined;
+        const reader = new RecordReader((record) => link?.receive(record));
+        const socket = net.connect({
+          host,
+          port,
+          noDelay: true,
+          keepAlive,
+          keepAliveInitialDelay: keepAliveMs,
+          onread: {
+            buffer: () => reader.readBuffer(),
+            callback: (n: number) => {
+              reader.wrote(n);
+              return true;
+            },
+          },
+        });
         const unreachable = (reason: string, text: string, cause?: unknown) =>
           new DshieldError(ErrorCodes.UNREACHABLE, `cannot reach the server at ${shown}: ${text}`, {
             cause,
@@ -389,7 +492,7 @@ export default definePlugin<'transport', TcpOptions>({
         };
         const onConnect = () => {
           // The link attaches its own error listener before ours is removed.
-          const link = new TcpLink(socket, log);
+          link = new TcpLink(socket, log, reader);
           settle();
           resolve(link);
         };

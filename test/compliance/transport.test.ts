@@ -749,6 +749,89 @@ function tcpExtras(mod: typeof import('../../plugins/transport-tcp.ts')): void {
     assert.is(got[2]!.buffer, chunk.buffer);
   });
 
+  /**
+   * Feeds `stream` to a reader the way a socket with `onread` does: each read
+   * writes at most `readSize` bytes at the start of the memory the reader
+   * handed out. Returns the records and how many bytes the reader moved (the
+   * bytes in front of the first read into each piece of memory).
+   */
+  function readInPlace(stream: Buffer, readSize: number): { got: Buffer[]; moved: number; memories: number } {
+    const got: Buffer[] = [];
+    const reader = new RecordReader((r) => got.push(r));
+    const firstWrite = new Map<ArrayBufferLike, number>();
+    for (let at = 0; at < stream.length; ) {
+      const memory = reader.readBuffer();
+      assert.ok(memory.length > 0, 'never an empty read buffer');
+      if (!firstWrite.has(memory.buffer)) firstWrite.set(memory.buffer, memory.byteOffset);
+      const n = Math.min(memory.length, readSize, stream.length - at);
+      stream.copy(memory, 0, at, at + n);
+      at += n;
+      reader.wrote(n);
+    }
+    // Every byte in front of the socket's first write into a piece of memory was put there by the reader.
+    let moved = 0;
+    for (const offset of firstWrite.values()) moved += offset;
+    return { got, moved, memories: firstWrite.size };
+  }
+
+  function framed(records: Buffer[]): Buffer {
+    return Buffer.concat(records.map((r) => Buffer.concat([Buffer.from([r.length >> 8, r.length & 0xff]), r])));
+  }
+
+  s('reading in place (onread) delivers the same records for reads of any size', () => {
+    const sizes = [0, 1, 2, 255, 256, 1000, 16384, MAX, 0, 3, MAX, 0, 5000, MAX, MAX, 1, MAX, 40000, 30000, MAX];
+    const stream = framed(sizes.map((n, i) => patterned(i, n)));
+    for (const readSize of [1, 2, 3, 7, 1000, 65536, 65537, 200_000, stream.length]) {
+      const { got } = readInPlace(stream, readSize);
+      assertRecords(got, sizes, `reads of ${readSize}`);
+    }
+  });
+
+  s('reading in place, bulk records arrive where the kernel put them: only the next header is moved', () => {
+    const sizes = Array.from({ length: 40 }, () => MAX);
+    const stream = framed(sizes.map((n, i) => patterned(i, n)));
+    for (const readSize of [1000, 16384, 65536, 70_000, 200_000, stream.length]) {
+      const { got, moved, memories } = readInPlace(stream, readSize);
+      assertRecords(got, sizes, `reads of ${readSize}`);
+      assert.ok(memories <= sizes.length / 4 + 1, `reads of ${readSize}: ${memories} pieces of memory for ${sizes.length} records`);
+      assert.ok(moved <= 2 * memories, `reads of ${readSize}: ${moved} bytes moved, expected at most a header per piece of memory`);
+    }
+  });
+
+  s('reading in place, small records share memory and are not moved', () => {
+    const sizes = Array.from({ length: 2000 }, (_, i) => (i * 37) % 700);
+    const stream = framed(sizes.map((n, i) => patterned(i, n)));
+    const { got, moved, memories } = readInPlace(stream, 1500);
+    assertRecords(got, sizes, 'small records');
+    assert.ok(memories <= Math.ceil(stream.length / (4 * 65537 - 700)) + 1, `${memories} pieces of memory for ${stream.length} bytes`);
+    assert.ok(moved <= 702 * memories, `${moved} bytes moved`);
+  });
+
+  s('a dialed link reads in place: a record from the server is a view of memory larger than Node\'s 64 KiB reads', async () => {
+    const pair = await connectPair(mod.default.create({ connectTimeout: 5000, keepAlive: 0 }, testContext()) as StreamTransportPlugin);
+    try {
+      const got: Buffer[] = [];
+      const done = new Promise<void>((resolve) => {
+        pair.client.start({
+          record(r) {
+            got.push(r);
+            if (got.length === 3) resolve();
+          },
+          drain() {},
+          close() {},
+        });
+      });
+      pair.server.start({ record() {}, drain() {}, close() {} });
+      for (let i = 0; i < 3; i++) pair.server.send(patterned(i, MAX));
+      await withTimeout(done, 5_000, 'three records');
+      assertRecords(got.map((r) => Buffer.from(r)), [MAX, MAX, MAX], 'records');
+      // Node's own reads are at most 64 KiB, so no record of 65535 bytes could be a view of one.
+      assert.ok(got[0]!.buffer.byteLength > 65536, `record memory of ${got[0]!.buffer.byteLength} bytes`);
+    } finally {
+      await pair.cleanup();
+    }
+  });
+
   s('garbage bytes from a plain socket parse as records, without a crash; EOF closes the link', async () => {
     const ctx = testContext();
     const t = mod.default.create({ connectTimeout: 5000, keepAlive: 0 }, ctx) as StreamTransportPlugin;
