@@ -948,7 +948,6 @@ export class Mux {
     const s = new MuxStream(this.host, id, target, text, this.window, 'pending');
     this.streams.set(id, s);
     this.active++;
-    this.grantCredit(s);
     const req = this.openRequest(s);
     try {
       onOpen(req);
@@ -975,6 +974,10 @@ export class Mux {
           s.state = 'open';
           s.opened = true;
           this.queueCtl(s, C_OPEN_OK);
+          // The window above the protocol's rides with OPEN_OK. Granted at OPEN it went out
+          // in a record of its own while the destination was being dialed (one more write
+          // and wake-up per stream), and promised buffering to a stream that may be refused.
+          this.grantCredit(s);
           this.emitOpen(s);
         }
         return s;

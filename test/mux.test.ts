@@ -370,6 +370,28 @@ test('initialWindow above the protocol window is granted up front', async () => 
   s.removeAllListeners('drain');
 });
 
+test('the server grants its larger window with OPEN_OK, in the same payload, not before it accepts', async () => {
+  let pending!: OpenRequest;
+  pair = muxPair({ server: { initialWindow: MiB, onOpen: (req) => (pending = req) } });
+  const opening = pair.client.openStream(T);
+  await until(() => pending !== undefined, 2000, 'the OPEN at the server');
+  await sleep(20);
+  const sentWhileDialing = pair.down.sends;
+  const serverSide = quiet(pending.accept());
+  const s = quiet(await withTimeout(opening, 2000, 'the open'));
+  assert.is(sentWhileDialing, 0, 'nothing goes back while the server dials');
+  assert.is(pair.down.sends, 1, 'OPEN_OK and WINDOW in one payload');
+  // The grant arrived with it: the client may send the server's whole window at once.
+  const chunk = Buffer.alloc(64 * KiB, 3);
+  const pump = () => {
+    while (s.write(chunk));
+  };
+  s.on('drain', pump);
+  pump();
+  await until(() => serverSide.readableLength >= 900 * KiB, 2000, 'the large window filling up');
+  s.removeAllListeners('drain');
+});
+
 test('DATA beyond credit or over 16 KiB resets the stream (and nothing crashes)', async () => {
   const serverStreams: Duplex[] = [];
   pair = muxPair({ server: { onOpen: (req) => serverStreams.push(quiet(req.accept())) } });
