@@ -513,6 +513,10 @@ export class Mux {
   private congested = false;
   private flushing = false;
   private flushScheduled = false;
+  /** A flush at the end of this event-loop turn is set, for carried tails (see onlyTailsWait). */
+  private tailsScheduled = false;
+  /** That flush is running: tails go out now. */
+  private tailsDue = false;
   private inSend = false;
   private drainedDuringSend = false;
   /** Write callbacks to call once the payload holding their last bytes was sent. */
@@ -1405,11 +1409,15 @@ export class Mux {
     if (!this.flushing) this.flush();
   };
 
-  /** Send payloads until there is nothing left or the session says stop. */
+  /** Send payloads until there is nothing left (but tails that may wait) or the session says stop. */
   private flush(): void {
     this.flushing = true;
     try {
       while (!this.congested && !this.closed) {
+        if (!this.tailsDue && this.onlyTailsWait()) {
+          this.scheduleTails();
+          break;
+        }
         const payload = this.assemble();
         if (payload === null) break;
         if (!this.sendPayload(payload)) return;
@@ -1432,6 +1440,43 @@ export class Mux {
       this.flushing = false;
     }
   }
+
+  /**
+   * True when all that waits is carried tails: slivers of writes that filled
+   * a payload, whose writers were told to go on (see writeData). A stream
+   * fed by a socket writes once per read, and each read runs its own
+   * microtasks, so flushing at the end of the microtask would send every
+   * tail in a record of its own: a 64 KiB read fills one payload and leaves
+   * 46 bytes, and with it came a second seal, write and TCP segment per read.
+   * Tails wait instead for the end of this event-loop turn (setImmediate),
+   * by which time the reads that were ready in this turn have joined them.
+   * A non-tail stream is usually first in `ready`, so this is O(1) then.
+   */
+  private onlyTailsWait(): boolean {
+    if (this.ready.size === 0) return false;
+    if (this.ctlStreams.size + this.ctlFrames.size + this.replies.size + this.dgrams.size + this.packets.size > 0) return false;
+    for (const s of this.ready) {
+      if (s.outCb !== null || s.outBytes > this.minFragment) return false;
+    }
+    return true;
+  }
+
+  private scheduleTails(): void {
+    if (this.tailsScheduled) return;
+    this.tailsScheduled = true;
+    setImmediate(this.tailsTask);
+  }
+
+  private readonly tailsTask = (): void => {
+    this.tailsScheduled = false;
+    if (this.closed || this.flushing) return;
+    this.tailsDue = true;
+    try {
+      this.flush();
+    } finally {
+      this.tailsDue = false;
+    }
+  };
 
   /** Hands one payload to the session. False when send threw and the mux closed. */
   private sendPayload(payload: Buffer): boolean {

@@ -7,6 +7,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { createHash, randomBytes } from 'node:crypto';
+import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import {
   decodeAddress,
@@ -657,6 +658,35 @@ test('bulk writes fill payloads: a sliver left by a full payload travels with th
   const small = pair.up.smallSends - smallBefore;
   assert.ok(small <= 3, `${small} payloads under 1 KiB`);
   assert.ok(payloads <= 48, `${payloads} payloads for 2 MiB`);
+});
+
+test('a stream fed by socket reads sends full payloads, not a sliver record per read', async () => {
+  let serverSide!: Duplex;
+  pair = muxPair({ server: { onOpen: (req) => (serverSide = quiet(req.accept())) } });
+  const s = await open(pair);
+  await until(() => serverSide !== undefined, 1000, 'accept');
+  const data = randomBytes(4 * MiB);
+  // A real socket: each read is its own I/O callback with its own microtasks, as on a server.
+  const source = net.createServer((c) => c.end(data));
+  await new Promise<void>((r) => source.listen(0, '127.0.0.1', r));
+  const sock = net.connect((source.address() as net.AddressInfo).port, '127.0.0.1');
+  try {
+    const got = readAll(serverSide);
+    const before = pair.up.sends;
+    const smallBefore = pair.up.smallSends;
+    sock.pipe(s);
+    const all = await withTimeout(got, 10_000, 'the data and FIN');
+    assert.is(sha(all), sha(data), 'every byte, in order');
+    const payloads = pair.up.sends - before;
+    const small = pair.up.smallSends - smallBefore;
+    // A 64 KiB read fills a 65518-byte payload and leaves 46 bytes: sent at once, that was a
+    // payload under 1 KiB per read (about 64 here). Waiting for the turn's other reads, only
+    // the last tail and the FIN may go alone, and a few turns may end on a tail.
+    assert.ok(small <= 8, `${small} payloads under 1 KiB in ${payloads}`);
+  } finally {
+    sock.destroy();
+    source.close();
+  }
 });
 
 test('a destroyed stream drops its unsent data and the peer sees a reset, not the data', async () => {
