@@ -67,7 +67,9 @@
  * Sending: frames are packed into payloads (control frames first, then
  * datagrams, then DATA round-robin across streams, one frame of <= 16 KiB per
  * stream per turn) at the end of the current microtask, so frames written in
- * one tick share records and no frame waits for more. When `send` returns
+ * one tick share records and no frame waits for more; only the sliver left
+ * of a write that filled a payload waits, for the end of the event-loop
+ * turn, so the next socket read can join it (onlyTailsWait). When `send` returns
  * false nothing more is sent, and the streams' write callbacks are held,
  * until `drain()`.
  */
