@@ -1721,13 +1721,18 @@ const SLAB_SIZE = 1024 * 1024;
  * the memory behind it, else a copy. A view keeps all that memory alive while
  * the reader holds the chunk, so small frames are copied: a peer packing one
  * tiny DATA frame into each large record must not pin 64 KiB per byte of
- * window. Views pin at most VIEW_MAX_WASTE times the data they hold.
+ * window. Views pin at most VIEW_MAX_WASTE times the data they hold, plus
+ * VIEW_FRAMING for what surrounds the frames of a full record in its memory
+ * (the record's type and tag, four frame headers, the transport's length
+ * prefixes): so all four DATA frames of a full 64 KiB record are views,
+ * the last one too (16,338 bytes, shorter by the headers).
  */
 const VIEW_MIN_BYTES = 4096;
 const VIEW_MAX_WASTE = 4;
+const VIEW_FRAMING = 256;
 
 function dataChunk(p: Buffer, body: number, len: number): Buffer {
-  if (len >= VIEW_MIN_BYTES && len * VIEW_MAX_WASTE >= p.buffer.byteLength) return p.subarray(body, body + len);
+  if (len >= VIEW_MIN_BYTES && len * VIEW_MAX_WASTE + VIEW_FRAMING >= p.buffer.byteLength) return p.subarray(body, body + len);
   const chunk = Buffer.allocUnsafe(len);
   p.copy(chunk, 0, body, body + len);
   return chunk;

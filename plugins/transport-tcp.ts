@@ -6,13 +6,13 @@
  * Receiving (RecordReader) never copies a whole record that the socket read
  * in one piece. A dialed socket reads straight into memory the reader sizes
  * from the headers it has seen (net.Socket's `onread`), so records of the
- * largest size arrive whole and in place; measured on loopback, 1 GiB of
- * 65535-byte records: the receiving process's CPU 0.86-1.05 -> 0.55-0.68 s,
- * a third fewer reads. Node offers `onread` only for sockets it creates, so
- * an accepted socket reads 'data' events: a record inside one chunk is a
- * subarray of it, one split across chunks is assembled into a buffer of its
- * size. Per link at most one read buffer (256 KiB when dialed) or one
- * partial record (< 64 KiB when accepted) is held.
+ * largest size arrive whole and in place (a record of 65535 bytes and its
+ * header are one byte more than Node's 64 KiB read, so every one of them
+ * used to span two reads and be copied). Node offers `onread` only for
+ * sockets it creates, so an accepted socket reads 'data' events: a record
+ * inside one chunk is a subarray of it, one split across chunks is assembled
+ * into a buffer of its size. Per link at most one read buffer (64 KiB) or
+ * one partial record (< 64 KiB) is held.
  *
  * Any byte stream parses as records (a 2-byte length cannot be invalid), so
  * garbage from a scanner reaches the session layer as records it discards:
@@ -63,14 +63,16 @@ const READ_BODY = 1;
 
 /**
  * Memory for reads into a reader (onread), taken when the next record does
- * not fit in what is left: four records of the largest size, each with its
- * header, and the header after them. Records of that size (bulk traffic)
- * then tile it exactly, however the kernel splits the reads, and only the
- * next header is moved to the new memory; a smaller record that does not fit
- * is moved once, so at most one record per 256 KiB is copied. Reads take
- * what the kernel has, up to what is left (Node reads at most 64 KiB).
+ * not fit in what is left: a record of the largest size with its header, and
+ * the header after it. Bulk records then each arrive in memory of their own
+ * however the kernel splits the reads, and only the next header is moved;
+ * a smaller record that does not fit in what is left is moved once. Larger
+ * memory would mean fewer reads, but the mux hands DATA frames (16 KiB) out
+ * as views only of memory at most about four times their size (mux.ts,
+ * dataChunk) and copies them otherwise: tried with 256 KiB, the client made
+ * 40 % fewer reads and copied every byte in the mux instead.
  */
-const FRESH_READ = 4 * (2 + MAX_RECORD) + 2;
+const FRESH_READ = 2 + MAX_RECORD + 2;
 /** Below this much room left, a read goes to fresh memory rather than the rest of the last. */
 const MIN_ROOM = 4096;
 const NO_MEMORY = Buffer.alloc(0);

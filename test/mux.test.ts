@@ -438,6 +438,19 @@ test('received DATA: large frames reach the reader as views of the payload, smal
   assert.ok(copied.equals(Buffer.alloc(10, 2)));
   assert.ok(copied.buffer !== sparse.buffer, 'a small frame is copied out of its payload');
   assert.ok(copied.buffer.byteLength < 16 * 1024, `the copy pins ${copied.buffer.byteLength} bytes`);
+  // A full record read into memory of its own (tcp: length, type, payload, tag, next length): all
+  // four of its DATA frames are views, the last one too, shorter by the frame headers.
+  const lengths = [MAX_DATA, MAX_DATA, MAX_DATA, 65518 - 4 * 7 - 3 * MAX_DATA];
+  const frames = Buffer.concat(lengths.map((n, i) => encodeFrame(FrameType.DATA, 1, Buffer.alloc(n, 3 + i))));
+  assert.is(frames.length, 65518);
+  const memory = Buffer.alloc(2 + 1 + 65518 + 16 + 2);
+  frames.copy(memory, 3);
+  pair.server.receive(memory.subarray(3, 3 + 65518));
+  for (const [i, n] of lengths.entries()) {
+    const chunk = s.read(n) as Buffer;
+    assert.ok(chunk.equals(Buffer.alloc(n, 3 + i)), `frame ${i}`);
+    assert.ok(chunk.buffer === memory.buffer, `frame ${i} (${n} bytes) is a view of the record's memory`);
+  }
 });
 
 test('malformed and random frames are dropped, logged at debug, and the mux keeps working', async () => {
