@@ -11,8 +11,8 @@
  * used to span two reads and be copied). Node offers `onread` only for
  * sockets it creates, so an accepted socket reads 'data' events: a record
  * inside one chunk is a subarray of it, one split across chunks is assembled
- * into a buffer of its size. Per link at most one read buffer (64 KiB) or
- * one partial record (< 64 KiB) is held.
+ * into a buffer of its size. Per link at most one read buffer (a full
+ * record and two headers) or one partial record (< 64 KiB) is held.
  *
  * Any byte stream parses as records (a 2-byte length cannot be invalid), so
  * garbage from a scanner reaches the session layer as records it discards:
