@@ -257,12 +257,8 @@ class TcpLink implements Link {
     }
     if (!this.readsInPlace) {
       this.socket.on('data', (chunk: Buffer) => {
-        if (this.state !== 'open') return; // after close(): read to EOF, discard
-        try {
-          this.reader.push(chunk);
-        } catch (err) {
-          this.fail(err);
-        }
+        // After close(): read to EOF, discard. A handler's throw is caught in receive().
+        if (this.state === 'open') this.reader.push(chunk);
       });
     }
     this.socket.resume();
