@@ -22,6 +22,7 @@ export const PACKAGE_OF: Record<string, string> = {
   ping: 'iputils-ping',
   ip: 'iproute2',
   taskset: 'util-linux',
+  socat: 'socat',
 };
 
 function sh(cmd: string, args: string[], timeoutMs: number): Promise<{ code: number; out: string }> {

@@ -127,7 +127,7 @@ export function evaluateTargets(rows: Row[]): Target[] {
         continue;
       }
       const added = me.median - best.base.median!;
-      targets.push({ text, verdict: added <= best.value ? 'PASS' : 'FAIL', detail: `${signed(added)} ms vs ${signed(best.value)} ms (${best.row.system} ${best.row.cipher})` });
+      targets.push({ text, verdict: added <= best.value ? 'PASS' : 'FAIL', detail: `${signed(added)} ms vs ${signed(best.value)} ms (${best.row.system} ${best.row.cipher})${metric === 'ping' ? hopFloorNote(rows) : ''}` });
     }
   }
   for (const transport of ['tcp', 'ws']) {
@@ -174,6 +174,19 @@ export function evaluateTargets(rows: Row[]): Target[] {
       : { text: 'p99 of a 1 KiB request ≤ 50 ms at 1,000 active streams', verdict: 'NOT MEASURED', detail: whyNot(p99) },
   );
   return targets;
+}
+
+/**
+ * What the relay-hop floor (bench/hop-floor.ts) says about the ping target:
+ * a ping wakes four relays, so four times what a Node hop costs over a C
+ * hop is the least a Node VPN adds beyond a C one. Empty when not measured.
+ */
+function hopFloorNote(rows: Row[]): string {
+  const c = find(rows, 'hop/socat', 'hop-rtt');
+  const node = find(rows, 'hop/node', 'hop-rtt');
+  if (!ok(c) || !ok(node)) return '';
+  const perHop = node.median - c.median;
+  return `; floor: a Node relay hop costs ${signed(perHop)} ms over a C one here, ×4 hops per ping = ${signed(4 * perHop)} ms`;
 }
 
 const signed = (n: number) => `${n >= 0 ? '+' : '−'}${fmt(Math.abs(n), 3)}`;

@@ -7,7 +7,8 @@
  *   client ── server ── web      (veth pairs; the web host logs every request's source)
  *
  *   TUN mode    iperf3 TCP 1 and 4 streams both ways, UDP 1400-byte pps at < 1 % loss,
- *               ping RTT, 200 sequential 1 KiB requests
+ *               ping RTT, 200 sequential 1 KiB requests; the relay-hop floor
+ *               (one UDP echo hop in C and in Node: bench/hop-floor.ts)
  *   proxy mode  curl download/upload through SOCKS5, 200 sequential 1 KiB requests
  *   scale       idle streams (memory per stream), 1,000 active streams (p99), handshakes/s
  *
@@ -29,6 +30,7 @@ import * as peers from './peers.ts';
 import type { Running, SystemSpec } from './peers.ts';
 import { withCpu } from './proc.ts';
 import { computeRatios, consoleTable, evaluateTargets, finish, markdownTable, svgChart, writeResults, type Row } from './report.ts';
+import { runHopFloor } from './hop-floor.ts';
 import { runScale } from './scale.ts';
 import { OUT_DIR, QUICK, RUNS, SECTIONS, SETTINGS, NO_INSTALL, wanted } from './settings.ts';
 import { createBenchTopology, type BenchTopology } from './topology.ts';
@@ -201,7 +203,7 @@ async function main(): Promise<void> {
   const started = new Date();
   const loads: Array<{ at: string; load: number[] }> = [{ at: 'start', load: load() }];
   console.log(`dshield bench: ${QUICK ? 'QUICK' : 'full'} mode, ${RUNS} runs per measurement, sections ${[...SECTIONS].join(',')}; load average ${load().join(' ')}`);
-  const toolNeeds = ['iperf3', 'curl', 'openssl', 'taskset', ...new Set([...TUN_SYSTEMS, ...PROXY_SYSTEMS].filter((s) => wanted(s.id)).flatMap((s) => s.needs))];
+  const toolNeeds = ['iperf3', 'curl', 'openssl', 'taskset', ...(SECTIONS.has('tun') && wanted('hop/floor') ? ['socat'] : []), ...new Set([...TUN_SYSTEMS, ...PROXY_SYSTEMS].filter((s) => wanted(s.id)).flatMap((s) => s.needs))];
   const problems = await ensureTools(toolNeeds, NO_INSTALL);
   for (const p of problems) console.log(`  ${p}`);
   for (const t of ['iperf3', 'curl']) {
@@ -219,6 +221,7 @@ async function main(): Promise<void> {
     if (SECTIONS.has('tun')) {
       console.log('TUN mode:');
       for (const spec of TUN_SYSTEMS.filter((s) => wanted(s.id))) rows.push(...(await runSystem(bt, spec, TUN_METRICS, (sys, c, m) => measureTun(bt, sys, c, m))));
+      if (wanted('hop/floor')) rows.push(...(await runHopFloor(bt)));
       loads.push({ at: 'after tun', load: load() });
     }
     if (SECTIONS.has('proxy')) {

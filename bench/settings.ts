@@ -33,6 +33,8 @@ export const SETTINGS = {
   /** Steps of the UDP rate search after the unlimited probe. */
   udpSteps: QUICK ? 3 : 5,
   pings: QUICK ? 50 : 200,
+  /** Probes per run of the relay-hop floor (bench/hop-floor.ts), 10 ms apart as the pings. */
+  hopProbes: QUICK ? 100 : 300,
   /** Sequential 1 KiB requests per run. */
   requests: 200,
   /** Bytes per proxy download/upload. */
@@ -45,4 +47,4 @@ export const SETTINGS = {
 } as const;
 
 /** Fixed ports inside the namespaces (each namespace is private to this run). */
-export const PORTS = { http: 80, idle: 9001, echo: 9002, iperf: 5201, dshield: 8443, wireguard: 51820, openvpn: 1194, shadowsocks: 8388, microsocks: 1081 } as const;
+export const PORTS = { http: 80, idle: 9001, echo: 9002, iperf: 5201, dshield: 8443, wireguard: 51820, openvpn: 1194, shadowsocks: 8388, microsocks: 1081, hopC: 9003, hopNode: 9004, hopProbe: 9005 } as const;
