@@ -102,7 +102,7 @@ export async function runHopFloor(bt: BenchTopology): Promise<Row[]> {
   const runs = new Map<string, number[]>(ECHOES.map((e) => [e.id, []]));
   try {
     for (const echo of ECHOES) procs.push(echo.start(bt));
-    // socat prints nothing when ready; the node echo says so. A probe's first datagram is retried after 1 s anyway.
+    // socat prints nothing when ready; the node echo says so. A datagram sent before socat listens is left out after 1 s.
     await procs[1]!.waitFor(/^READY$/m, 30_000);
     for (let run = 0; run < RUNS; run++) {
       for (const echo of ECHOES) runs.get(echo.id)!.push(await probe(bt, echo.port));

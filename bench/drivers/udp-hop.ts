@@ -6,7 +6,7 @@
  *
  * echo:  node:dgram, each datagram sent straight back: the least work a Node
  *        relay does per packet. Prints `READY` once bound.
- * probe: COUNT datagrams of 84 bytes (a ping's IP payload plus header), one
+ * probe: COUNT numbered datagrams of 84 bytes (a ping's IP payload plus header), one
  *        at a time, INTERVAL_MS after the previous answer, each waited for at
  *        most 1 s, from LOCAL_PORT (socat's UDP4-LISTEN answers only the
  *        address it first heard from, so every run must come from the same
@@ -31,8 +31,10 @@ if (role === 'echo') {
   const rtts: number[] = [];
   let sentAt = 0n;
   let answered: (() => void) | undefined;
-  socket.on('message', () => {
-    if (answered === undefined) return; // a late answer to a probe already given up on
+  let seq = 0;
+  socket.on('message', (msg) => {
+    // A late answer to a probe already given up on carries an older number.
+    if (answered === undefined || msg.length < 4 || msg.readUInt32BE(0) !== seq) return;
     rtts.push(Number(process.hrtime.bigint() - sentAt) / 1e6);
     answered();
   });
@@ -46,6 +48,8 @@ if (role === 'echo') {
         resolve();
       };
       answered = done;
+      seq = i;
+      DATAGRAM.writeUInt32BE(seq, 0);
       sentAt = process.hrtime.bigint();
       socket.send(DATAGRAM, port, host);
     });
