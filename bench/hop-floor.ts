@@ -34,7 +34,7 @@ const INTERVAL_MS = 10;
 /** A probe run may lose a few datagrams (1 s each); more means the hop is broken. */
 const MIN_ANSWERED = 0.95;
 
-export const HOP_METRIC = 'hop-rtt';
+const HOP_METRIC = 'hop-rtt';
 const LABEL = 'UDP echo RTT through one relay hop (84 B, 10 ms apart)';
 
 interface Echo {
