@@ -14,6 +14,7 @@ import { acceptSession, ReplayGuard, type Session } from './session.ts';
 import { acceptDatagramSessions } from './session-datagram.ts';
 import { Mux, sendThrough, STREAM_WINDOW } from './mux.ts';
 import { splice } from './splice.ts';
+import { Roster } from './roster.ts';
 import { loadCommonPlugins, staticKeyFrom, type Runtime } from './runtime.ts';
 import { readClientsFile } from './config.ts';
 import { isDshieldError } from './errors.ts';
@@ -51,7 +52,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
   const outbound = opts.outbound ?? (await rt.load('outbound', config.server.outbound, 'server'));
   const staticKey = staticKeyFrom(config.server.privateKey, 'server.privateKey');
   const replay = new ReplayGuard();
-  const live = new Set<LiveSession>();
+  const live = new Roster<LiveSession>();
   let accepting = true;
   // TUN mode first: a server that cannot set it up (no root) stops here, before listening.
   const tun: ServerTun | undefined = config.server.tun
@@ -62,7 +63,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
   const respond = tunHandshakeResponder(tun, log, (name) => leaseIsGone(name));
   /** When the pool is full, a lease may go to a new client if its owner is no longer authorized and not connected. */
   const leaseIsGone = (name: string): boolean => {
-    if ([...live].some((s) => (s.session.peer as ClientIdentity).name === name)) return false;
+    if (live.values().some((s) => (s.session.peer as ClientIdentity).name === name)) return false;
     if (config.server.clients.some((c) => c.name === name)) return false;
     try {
       return !readClientsFile(config.server.clientsFile).some((c) => c.name === name);
@@ -109,14 +110,13 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
       },
       ...(packets ? { onPacket: packets.onPacket, maxPacket: tun!.mtu } : {}),
     });
-    const entry: LiveSession = { session, mux };
-    live.add(entry);
+    const entry = live.add({ session, mux });
     events.emit('session:up', { side: 'server', client: peer.name, remote: session.remoteAddress });
     session.start({
       message: (payload) => mux.receive(payload),
       drain: () => mux.drain(),
       close: (err) => {
-        live.delete(entry);
+        live.remove(entry);
         packets?.detach();
         mux.close(err);
         events.emit('session:down', {
@@ -183,8 +183,8 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
         accepting = false;
         stopWatching();
         await listener.close();
-        await Promise.all([...live].map((s) => s.mux.whenIdle(drainMs)));
-        for (const s of [...live]) s.session.close();
+        await Promise.all(live.values().map((s) => s.mux.whenIdle(drainMs)));
+        for (const s of live.values()) s.session.close();
         await tun?.close();
       })();
       return closing;
