@@ -77,6 +77,7 @@ import { Duplex } from 'node:stream';
 import { isIPv4, isIPv6 } from 'node:net';
 import { DshieldError, ErrorCodes, isDshieldError, type ErrorCode } from './errors.ts';
 import type { EventBus } from './events.ts';
+import { watchAbort } from './abort-watch.ts';
 import type { Logger, Target, TunnelUdp } from './types.ts';
 
 // ---------------------------------------------------------------------------
@@ -647,14 +648,11 @@ export class Mux {
     this.queueCtl(s, C_OPEN);
     this.grantCredit(s); // a window above the protocol's goes out with OPEN
     return new Promise<Duplex>((resolve, reject) => {
-      let onAbort: (() => void) | undefined;
-      if (signal) {
-        onAbort = () => this.abortOpen(s, abortError(signal, text));
-        signal.addEventListener('abort', onAbort, { once: true });
-      }
+      // The runtime's signal, usually: watched without a listener per stream (see core/abort-watch.ts).
+      const unwatch = signal ? watchAbort(signal, () => this.abortOpen(s, abortError(signal, text))) : undefined;
       s.settle = (err) => {
         s.settle = null;
-        if (onAbort) signal!.removeEventListener('abort', onAbort);
+        unwatch?.();
         if (err) reject(err);
         else resolve(s);
       };

@@ -77,6 +77,7 @@ import {
 } from './handshake.ts';
 import { MAX_COUNTER, type CipherState, type HandshakeState, type TransportKeys } from './noise.ts';
 import { ReplayWindow } from './replay-window.ts';
+import { Roster, type RosterTicket } from './roster.ts';
 import type { ClientHandshakeOptions, ServerAcceptOptions, Session, SessionHandlers } from './session.ts';
 import type { ClientIdentity, DatagramEndpoint, Logger, TransportListener } from './types.ts';
 
@@ -956,7 +957,8 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
   const ctx: ResponderContext = { cipher: opts.cipher, hash: opts.hash, staticKey: opts.staticKey, auth: opts.auth, replay: opts.replay };
   const log = opts.log;
   const indices = new IndexTable();
-  const sessions = new Set<DatagramSession>();
+  // A roster, not a Set: every session passes through (see core/roster.ts).
+  const sessions = new Roster<DatagramSession>();
   /** Half-open sessions, per client key (base64) and in total. */
   const halfOpen = new Map<string, DatagramSession[]>();
   let halfOpenCount = 0;
@@ -1045,6 +1047,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
     const mine = halfOpen.get(keyText) ?? [];
     if (mine.length >= HALF_OPEN_PER_CLIENT) mine[0]!.discard();
     const localIndex = indices.reserve();
+    let listed: RosterTicket<DatagramSession> | undefined;
     const session: DatagramSession = new DatagramSession({
       side: 'server',
       endpoint,
@@ -1069,7 +1072,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
       onConfirmed: (s) => {
         forgetHalfOpen(s, keyText);
         clearTimeout(expiry);
-        sessions.add(s);
+        listed = sessions.add(s);
         log.debug('handshake complete', { remote: s.remoteAddress, client: init.identity.name, pattern: init.state.pattern });
         try {
           opts.onSession(s);
@@ -1082,7 +1085,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
       onGone: (s) => {
         clearTimeout(expiry);
         forgetHalfOpen(s, keyText);
-        sessions.delete(s);
+        if (listed) sessions.remove(listed);
         maybeCloseEndpoint();
       },
       bytesIn: data.length,
@@ -1119,13 +1122,13 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
       }
     },
     drain() {
-      for (const s of [...sessions]) if (s.wantsDrain) s.onDrain();
+      for (const s of sessions.values()) if (s.wantsDrain) s.onDrain();
     },
     close(err) {
       endpointClosed = true;
       accepting = false;
       for (const list of [...halfOpen.values()]) for (const s of [...list]) s.discard();
-      for (const s of [...sessions]) s.onEndpointClose(err);
+      for (const s of sessions.values()) s.onEndpointClose(err);
     },
   });
 

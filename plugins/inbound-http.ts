@@ -19,6 +19,7 @@ import type { Duplex } from 'node:stream';
 import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
 import { formatHostPort, parseHostPort } from '../core/hostport.ts';
+import { Roster } from '../core/roster.ts';
 import { splice } from '../core/splice.ts';
 import type { InboundPlugin, Logger, Target, Tunnel } from '../core/types.ts';
 
@@ -213,7 +214,8 @@ export default definePlugin<'inbound', Options>({
     const headersTimeout = options.headersTimeout ?? 30_000;
     const log = ctx.log;
 
-    const sockets = new Set<Socket>();
+    // A roster, not a Set: every client connection passes through (see core/roster.ts).
+    const sockets = new Roster<Socket>();
     let server: Server | undefined;
     let closed = false;
 
@@ -239,8 +241,7 @@ export default definePlugin<'inbound', Options>({
       const srv = server;
       const stopped = srv ? new Promise<void>((resolve) => srv.close(() => resolve())) : Promise.resolve();
       srv?.closeAllConnections();
-      for (const s of sockets) s.destroy();
-      sockets.clear();
+      for (const s of sockets.values()) s.destroy();
       await stopped;
     };
     ctx.signal.addEventListener('abort', () => void close(), { once: true });
@@ -380,8 +381,8 @@ export default definePlugin<'inbound', Options>({
         srv.on('connection', (socket: Socket) => {
           if (closed) return socket.destroy();
           socket.setNoDelay(true);
-          sockets.add(socket);
-          socket.once('close', () => sockets.delete(socket));
+          const listed = sockets.add(socket);
+          socket.once('close', () => sockets.remove(listed));
         });
         srv.on('request', (req: IncomingMessage, res: ServerResponse) => onRequest(tunnel, req, res));
         srv.on('connect', (req: IncomingMessage, socket: Socket, head: Buffer) => onConnect(tunnel, req, socket, head));

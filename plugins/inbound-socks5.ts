@@ -14,6 +14,7 @@ import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
 import { formatHostPort, parseHostPort } from '../core/hostport.ts';
 import { embeddedIpv4, formatIp, ipFromBytes, ipToBytes, parseIp, type IpAddress } from '../core/cidr.ts';
+import { Roster } from '../core/roster.ts';
 import { splice } from '../core/splice.ts';
 import type { InboundPlugin, Logger, Target, Tunnel, TunnelUdp } from '../core/types.ts';
 
@@ -189,8 +190,9 @@ export default definePlugin<'inbound', Options>({
     const handshakeTimeout = options.handshakeTimeout ?? 10_000;
     const log = ctx.log;
 
-    const sockets = new Set<Socket>();
-    const cleanups = new Set<() => void>();
+    // Rosters, not Sets: every client connection passes through (see core/roster.ts).
+    const sockets = new Roster<Socket>();
+    const cleanups = new Roster<() => void>();
     let server: Server | undefined;
     let closed = false;
 
@@ -199,20 +201,18 @@ export default definePlugin<'inbound', Options>({
       closed = true;
       const srv = server;
       const stopped = srv ? new Promise<void>((resolve) => srv.close(() => resolve())) : Promise.resolve();
-      for (const s of sockets) s.destroy();
-      sockets.clear();
-      for (const c of [...cleanups]) c();
-      cleanups.clear();
+      for (const s of sockets.values()) s.destroy();
+      for (const c of cleanups.values()) c();
       await stopped;
     };
     ctx.signal.addEventListener('abort', () => void close(), { once: true });
 
     const handle = (socket: Socket, tunnel: Tunnel): void => {
-      sockets.add(socket);
+      const listed = sockets.add(socket);
       socket.setNoDelay(true);
       socket.on('error', (err: NodeJS.ErrnoException) => log.debug('client connection error', { error: err.code ?? err.message }));
       socket.once('close', () => {
-        sockets.delete(socket);
+        sockets.remove(listed);
         clearTimeout(timer);
       });
 
@@ -352,9 +352,9 @@ export default definePlugin<'inbound', Options>({
         const fixedPort = requested.port !== 0 ? requested.port : undefined;
         const association = new UdpAssociation(clientIp, fixedPort, log);
         const cleanup = () => association.close();
-        cleanups.add(cleanup);
+        const cleanupListed = cleanups.add(cleanup);
         socket.once('close', () => {
-          cleanups.delete(cleanup);
+          cleanups.remove(cleanupListed);
           association.close();
         });
         association.open(local, localIp, tunnel).then(

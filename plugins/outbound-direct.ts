@@ -15,6 +15,8 @@ import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { EgressPolicy, formatIp, parseIp, type IpAddress } from '../core/cidr.ts';
 import type { Logger, OutboundPlugin, Target, UdpRelay } from '../core/types.ts';
+import { watchAbort } from '../core/abort-watch.ts';
+import { Roster, type RosterTicket } from '../core/roster.ts';
 
 /** The largest UDP payload IPv4 can carry (65535 - 20 IP - 8 UDP). */
 const MAX_DATAGRAM = 65507;
@@ -67,17 +69,16 @@ export default definePlugin<'outbound', Options>({
     };
     const policy = new EgressPolicy([...(ctx.config.server.egress.allow ?? []), ...opts.allow]);
     const log = ctx.log;
-    const attempts = new Set<Socket>();
-    const relays = new Set<DirectUdpRelay>();
+    // Rosters, not Sets: every connect and UDP association passes through (see core/roster.ts).
+    const attempts = new Roster<Socket>();
+    const relays = new Roster<DirectUdpRelay>();
     let closed = false;
 
     const close = (): void => {
       if (closed) return;
       closed = true;
-      for (const s of attempts) s.destroy();
-      attempts.clear();
-      for (const r of relays) r.close();
-      relays.clear();
+      for (const s of attempts.values()) s.destroy();
+      for (const r of relays.values()) r.close();
     };
     ctx.signal.addEventListener('abort', close, { once: true });
 
@@ -88,9 +89,12 @@ export default definePlugin<'outbound', Options>({
         return connectChecked(target, { policy, timeoutMs: opts.connectTimeout, signal, attempts, log });
       },
       udp() {
-        const relay = new DirectUdpRelay(policy, log, opts.udpMaxPendingLookups, () => relays.delete(relay));
+        let listed: RosterTicket<DirectUdpRelay> | undefined;
+        const relay = new DirectUdpRelay(policy, log, opts.udpMaxPendingLookups, () => {
+          if (listed) relays.remove(listed);
+        });
         if (closed) relay.close();
-        else relays.add(relay);
+        else listed = relays.add(relay);
         return relay;
       },
       close,
@@ -145,7 +149,7 @@ interface ConnectContext {
   policy: EgressPolicy;
   timeoutMs: number;
   signal: AbortSignal | undefined;
-  attempts: Set<Socket>;
+  attempts: Roster<Socket>;
   log: Logger;
 }
 
@@ -210,17 +214,17 @@ function connectOnce(target: Target, to: Resolved, budgetMs: number, cx: Connect
   return new Promise((resolve, reject) => {
     // An address literal as host: net.connect does no lookup of its own, so it connects to what was checked.
     const socket = netConnect({ host: to.address, port: target.port, family: to.family, noDelay: true });
-    cx.attempts.add(socket);
+    const listed = cx.attempts.add(socket);
     let settled = false;
     const finish = (err: DshieldError | null) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
-      cx.signal?.removeEventListener('abort', onAbort);
+      unwatch?.();
       socket.removeListener('error', onError);
       socket.removeListener('connect', onConnect);
       socket.removeListener('close', onClose);
-      cx.attempts.delete(socket);
+      cx.attempts.remove(listed);
       if (err) {
         socket.destroy();
         reject(err);
@@ -246,8 +250,10 @@ function connectOnce(target: Target, to: Resolved, budgetMs: number, cx: Connect
     socket.once('connect', onConnect);
     socket.on('error', onError);
     socket.once('close', onClose);
+    // The server passes its runtime's signal: watched without a listener per connect (see core/abort-watch.ts).
+    let unwatch: (() => void) | undefined;
     if (cx.signal?.aborted) onAbort();
-    else cx.signal?.addEventListener('abort', onAbort, { once: true });
+    else if (cx.signal) unwatch = watchAbort(cx.signal, onAbort);
   });
 }
 
