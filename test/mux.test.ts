@@ -16,7 +16,9 @@ import {
   FrameType,
   CREDIT_SLIVER,
   MAX_DATA,
+  MAX_STREAM_WINDOW,
   PROTOCOL_WINDOW,
+  WINDOW_GROWTH_BUDGET,
   type OpenRequest,
 } from '../core/mux.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
@@ -676,7 +678,10 @@ test('bulk writes fill payloads: a sliver left by a full payload travels with th
 
 test('a stream fed by socket reads sends full payloads, not a sliver record per read', async () => {
   let serverSide!: Duplex;
-  pair = muxPair({ server: { onOpen: (req) => (serverSide = quiet(req.accept())) } });
+  // A fixed window: in this one process, a stream with credit to spare gets each socket read in
+  // a turn of its own, so its tail goes alone by design (onlyTailsWait); between two busy
+  // processes, and here while credit runs short, the reads of a turn arrive together.
+  pair = muxPair({ server: { onOpen: (req) => (serverSide = quiet(req.accept())), maxWindow: 0 } });
   const s = await open(pair);
   await until(() => serverSide !== undefined, 1000, 'accept');
   const data = randomBytes(4 * MiB);
@@ -701,6 +706,52 @@ test('a stream fed by socket reads sends full payloads, not a sliver record per 
     sock.destroy();
     source.close();
   }
+});
+
+/** A stream's receive window (MuxStream.window), which grows for fast streams. */
+const windowOf = (s: Duplex): number => (s as unknown as { window: number }).window;
+
+test("a fast stream's window grows up to maxWindow; a reader that does not keep up keeps its own", async () => {
+  const streams: Duplex[] = [];
+  pair = muxPair({ server: { onOpen: (req) => streams.push(quiet(req.accept())), maxWindow: 4 * MiB } });
+  const fast = await open(pair);
+  await until(() => streams.length === 1, 1000, 'accept');
+  const data = randomBytes(24 * MiB);
+  const got = readAll(streams[0]!);
+  fast.end(data);
+  assert.is(sha(await withTimeout(got, 10_000, 'the data')), sha(data), 'every byte, in order');
+  assert.is(windowOf(streams[0]!), 4 * MiB, 'grown to maxWindow, and no further');
+
+  // The same amount to a reader that reads a little, then pauses: its window stays as it began.
+  const slow = await open(pair);
+  await until(() => streams.length === 2, 1000, 'accept');
+  const reader = streams[1]!;
+  let read = 0;
+  reader.on('data', (c: Buffer) => {
+    read += c.length;
+    reader.pause();
+    setTimeout(() => reader.resume(), 20);
+  });
+  slow.write(randomBytes(4 * MiB));
+  await until(() => read >= 2 * MiB, 10_000, 'the slow reader');
+  assert.is(windowOf(reader), PROTOCOL_WINDOW, 'a window that never found its reader waiting does not grow');
+  assert.ok(reader.readableLength <= PROTOCOL_WINDOW, `the slow reader holds ${reader.readableLength} bytes`);
+});
+
+test("the streams of one mux grow their windows by WINDOW_GROWTH_BUDGET at most, together", async () => {
+  const streams: Duplex[] = [];
+  const p = (pair = muxPair({ server: { onOpen: (req) => streams.push(quiet(req.accept())) } }));
+  const count = 6; // each may grow to MAX_STREAM_WINDOW: 6 x 16 MiB would be over the budget
+  const writers = await Promise.all(Array.from({ length: count }, () => open(p)));
+  await until(() => streams.length === count, 1000, 'accept');
+  const reads = streams.map((s) => readAll(s));
+  const chunk = Buffer.alloc(24 * MiB, 7);
+  for (const w of writers) w.end(chunk);
+  await withTimeout(Promise.all(reads), 30_000, 'the data');
+  const grown = streams.reduce((sum, s) => sum + windowOf(s) - PROTOCOL_WINDOW, 0);
+  assert.ok(grown > 16 * MiB, `the windows grew by only ${grown} bytes`);
+  assert.ok(grown <= WINDOW_GROWTH_BUDGET, `the windows grew by ${grown} bytes`);
+  for (const s of streams) assert.ok(windowOf(s) <= MAX_STREAM_WINDOW, `a window of ${windowOf(s)}`);
 });
 
 test('a destroyed stream drops its unsent data and the peer sees a reset, not the data', async () => {
