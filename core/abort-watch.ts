@@ -4,12 +4,13 @@
  * stream's open, an outbound connect) that all watch one signal living as
  * long as the process: the runtime's.
  *
- * Why not signal.addEventListener per operation: Node keeps an AbortSignal's
- * listeners in a linked list and leaves a removed listener linked to the one
- * added after it. Once one removed listener has been promoted to the old
+ * Why not signal.addEventListener per operation: Node links an AbortSignal's
+ * listeners together, and a removed listener stays linked to the ones added
+ * after it. Once one removed listener has been promoted to the old
  * generation, every later one, and everything its closure holds (a stream,
  * a socket, their buffers), hangs off it and survives every scavenge until
- * the next full GC, which dshield makes rare (core/gc-tuning.ts). Here each
+ * the next full GC, which dshield makes rare (core/gc-tuning.ts); measured
+ * in test/abort-watch.test.ts. Here each
  * signal gets one listener, and the callbacks wait in a Roster, which lets go
  * of what leaves it (core/roster.ts).
  */

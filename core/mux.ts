@@ -355,7 +355,8 @@ class MuxStream extends Duplex {
   ) {
     // readableHighWaterMark = window / 2: Node calls _read (which checks for a
     // grant) once a read leaves less than that buffered, i.e. with at least
-    // half the window free, which is when a batched grant is due.
+    // half the window free, which is when a batched grant is due. A grown
+    // window keeps this mark: a stream only grows while its reader keeps up.
     super({ allowHalfOpen: true, readableHighWaterMark: window >>> 1, writableHighWaterMark: WRITABLE_HWM });
     this.state = state;
   }
@@ -1225,11 +1226,14 @@ export class Mux {
    * `reading`: the consumer asked for more (from _read); then any free space
    * is granted if the peer is out of credit (holds less than a sliver), or a
    * read(n) for more than is buffered could wait forever under the batching
-   * threshold.
+   * threshold. A grant that comes within FAST_HALF_WINDOW_MS of the one
+   * before, with nothing left unread, first doubles the window (see
+   * MAX_STREAM_WINDOW).
    */
   private grantCredit(s: MuxStream, reading = false): void {
     if (s.state === 'closed' || s.finRecv || this.closed) return;
-    if (s.window - s.recvCredit - s.readableLength < s.window >>> 1 && !(reading && s.recvCredit < CREDIT_SLIVER && s.window > s.recvCredit + s.readableLength)) return;
+    const held = s.recvCredit + s.readableLength;
+    if (s.window - held < s.window >>> 1 && !(reading && s.recvCredit < CREDIT_SLIVER && s.window > held)) return;
     const now = performance.now();
     if (
       now - s.grantedAt < FAST_HALF_WINDOW_MS &&
