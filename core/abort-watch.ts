@@ -23,6 +23,34 @@ interface Watch {
 
 const watchers = new WeakMap<AbortSignal, Roster<Watch>>();
 
+/** The signal's callbacks, behind the one listener that runs them when it aborts. */
+function callbacksOf(signal: AbortSignal): Roster<Watch> {
+  const known = watchers.get(signal);
+  if (known !== undefined) return known;
+  const callbacks = new Roster<Watch>();
+  watchers.set(signal, callbacks);
+  signal.addEventListener(
+    'abort',
+    () => {
+      watchers.delete(signal);
+      for (const watch of callbacks.values()) {
+        const fn = watch.fn;
+        if (fn === null) continue; // ended by a callback that ran before it
+        watch.fn = null;
+        try {
+          fn();
+        } catch (err) {
+          queueMicrotask(() => {
+            throw err;
+          });
+        }
+      }
+    },
+    { once: true },
+  );
+  return callbacks;
+}
+
 /**
  * Runs `onAbort` (once) when `signal` aborts, until the returned function is
  * called. Like addEventListener, it never runs for a signal that has already
@@ -32,36 +60,11 @@ const watchers = new WeakMap<AbortSignal, Roster<Watch>>();
  */
 export function watchAbort(signal: AbortSignal, onAbort: () => void): () => void {
   if (signal.aborted) return () => {};
-  let roster = watchers.get(signal);
-  if (roster === undefined) {
-    const callbacks = new Roster<Watch>();
-    roster = callbacks;
-    watchers.set(signal, callbacks);
-    signal.addEventListener(
-      'abort',
-      () => {
-        watchers.delete(signal);
-        for (const watch of callbacks.values()) {
-          const fn = watch.fn;
-          if (fn === null) continue; // ended by a callback that ran before it
-          watch.fn = null;
-          try {
-            fn();
-          } catch (err) {
-            queueMicrotask(() => {
-              throw err;
-            });
-          }
-        }
-      },
-      { once: true },
-    );
-  }
+  const callbacks = callbacksOf(signal);
   const watch: Watch = { fn: onAbort };
-  const ticket = roster.add(watch);
-  const watching = roster;
+  const ticket = callbacks.add(watch);
   return () => {
     watch.fn = null;
-    watching.remove(ticket);
+    callbacks.remove(ticket);
   };
 }
