@@ -14,6 +14,7 @@
  * time about a fifth lower; throughput moved within this machine's noise.
  */
 import type { Duplex } from 'node:stream';
+import { attachPooledSink } from './pooled-reads.ts';
 
 /**
  * Bytes that may wait in a writable before its source is paused: one
@@ -48,25 +49,35 @@ function forward(from: Duplex, to: Duplex): void {
     corked = false;
     to.uncork();
   };
-  from.on('data', (chunk: Buffer) => {
-    if (to.writableEnded || to.destroyed) return; // it is gone: the close handlers end both
+  /** Writes one chunk; false once from should stop. `release` runs when to is done with the chunk. */
+  const write = (chunk: Buffer, release?: () => void): boolean => {
+    if (to.writableEnded || to.destroyed) {
+      release?.();
+      return true; // it is gone: the close handlers end both
+    }
     if (!corked) {
       corked = true;
       to.cork();
       process.nextTick(uncork);
     }
     // A false write sets needDrain, so a 'drain' is due once the buffer empties.
-    if (!to.write(chunk) && to.writableLength >= WRITE_AHEAD) {
+    if (!to.write(chunk, release) && to.writableLength >= WRITE_AHEAD) {
       paused = true;
-      from.pause();
+      return false;
     }
-  });
+    return true;
+  };
   to.on('drain', () => {
     if (!paused) return;
     paused = false;
     from.resume();
   });
   from.on('end', () => to.end());
+  // A pooled socket (core/pooled-reads.ts) hands its reads over with a release, and starts reading itself.
+  if (attachPooledSink(from, (chunk, release) => write(chunk, release ?? undefined))) return;
+  from.on('data', (chunk: Buffer) => {
+    if (!write(chunk)) from.pause();
+  });
   // Like pipe(): a source its owner paused (a handshake read) flows from here on.
   from.resume();
 }

@@ -10,13 +10,14 @@
  */
 import { lookup as dnsLookup } from 'node:dns';
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
-import { connect as netConnect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { EgressPolicy, formatIp, parseIp, type IpAddress } from '../core/cidr.ts';
 import type { Logger, OutboundPlugin, Target, UdpRelay } from '../core/types.ts';
 import { watchAbort } from '../core/abort-watch.ts';
 import { Roster, type RosterTicket } from '../core/roster.ts';
+import { connectPooled } from '../core/pooled-reads.ts';
 
 /** The largest UDP payload IPv4 can carry (65535 - 20 IP - 8 UDP). */
 const MAX_DATAGRAM = 65507;
@@ -213,7 +214,8 @@ async function connectChecked(target: Target, cx: ConnectContext): Promise<Socke
 function connectOnce(target: Target, to: Resolved, budgetMs: number, cx: ConnectContext): Promise<Socket> {
   return new Promise((resolve, reject) => {
     // An address literal as host: net.connect does no lookup of its own, so it connects to what was checked.
-    const socket = netConnect({ host: to.address, port: target.port, family: to.family, noDelay: true });
+    // Pooled reads: a download's reads reuse a few buffers instead of fresh memory each (core/pooled-reads.ts).
+    const socket = connectPooled({ host: to.address, port: target.port, family: to.family, noDelay: true });
     const listed = cx.attempts.add(socket);
     let settled = false;
     const finish = (err: DshieldError | null) => {
