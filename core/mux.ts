@@ -78,6 +78,7 @@ import { isIPv4, isIPv6 } from 'node:net';
 import { DshieldError, ErrorCodes, isDshieldError, type ErrorCode } from './errors.ts';
 import type { EventBus } from './events.ts';
 import { watchAbort } from './abort-watch.ts';
+import { countView, vouchRecord } from './record-memory.ts';
 import type { Logger, Target, TunnelUdp } from './types.ts';
 
 // ---------------------------------------------------------------------------
@@ -865,6 +866,9 @@ export class Mux {
     let off = 0;
     let bad = 0;
     let firstProblem: string | undefined;
+    // Whether this payload's memory may be read into again once its DATA views are released:
+    // only frames that keep nothing of it but those views (see core/record-memory.ts).
+    let keepsNothing = true;
     while (off < end) {
       if (end - off < FRAME_HEADER) {
         bad++;
@@ -880,6 +884,7 @@ export class Mux {
         firstProblem ??= 'frame longer than its payload';
         break;
       }
+      if (type !== FrameType.DATA && type !== FrameType.WINDOW && type !== FrameType.OPEN_OK && type !== FrameType.FIN && type !== FrameType.RST) keepsNothing = false;
       let problem: string | undefined;
       try {
         problem = this.handleFrame(type, id, payload, body, len);
@@ -895,6 +900,7 @@ export class Mux {
       off = body + len;
     }
     if (bad > 0) this.log.debug('mux: dropped malformed frames from the peer', { count: bad, first: firstProblem });
+    if (keepsNothing) vouchRecord(payload);
   }
 
   /** Handles one frame; returns what was wrong with it, if anything. */
@@ -1776,7 +1782,11 @@ const VIEW_MAX_WASTE = 4;
 const VIEW_FRAMING = 256;
 
 function dataChunk(p: Buffer, body: number, len: number): Buffer {
-  if (len >= VIEW_MIN_BYTES && len * VIEW_MAX_WASTE + VIEW_FRAMING >= p.buffer.byteLength) return p.subarray(body, body + len);
+  if (len >= VIEW_MIN_BYTES && len * VIEW_MAX_WASTE + VIEW_FRAMING >= p.buffer.byteLength) {
+    const view = p.subarray(body, body + len);
+    countView(view); // record memory is reused once its reader releases this (core/record-memory.ts)
+    return view;
+  }
   const chunk = Buffer.allocUnsafe(len);
   p.copy(chunk, 0, body, body + len);
   return chunk;

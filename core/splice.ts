@@ -15,6 +15,7 @@
  */
 import type { Duplex } from 'node:stream';
 import { attachPooledSink } from './pooled-reads.ts';
+import { viewRelease } from './record-memory.ts';
 
 /**
  * Bytes that may wait in a writable before its source is paused: one
@@ -76,7 +77,8 @@ function forward(from: Duplex, to: Duplex): void {
   // A pooled socket (core/pooled-reads.ts) hands its reads over with a release, and starts reading itself.
   if (attachPooledSink(from, (chunk, release) => write(chunk, release ?? undefined))) return;
   from.on('data', (chunk: Buffer) => {
-    if (!write(chunk)) from.pause();
+    // A view of tunnel record memory goes back to its pool once written (core/record-memory.ts).
+    if (!write(chunk, viewRelease(chunk))) from.pause();
   });
   // Like pipe(): a source its owner paused (a handshake read) flows from here on.
   from.resume();

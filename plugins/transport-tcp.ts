@@ -33,6 +33,7 @@ import { abortError, describeDialError, describeListenError } from '../core/net-
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
+import { recordDelivered, retireRecordMemory, takeRecordMemory } from '../core/record-memory.ts';
 
 const MAX_RECORD = 0xffff;
 /**
@@ -150,7 +151,8 @@ export class RecordReader {
    * Where the socket should read next: the unwritten rest of the current
    * memory, never empty. The reader never writes into memory it has handed
    * out; delivered records are views of it, so once it is left behind it
-   * lives as long as someone holds one of its records.
+   * lives as long as someone holds one of its records, or goes back to the
+   * pool once their consumers say they hold nothing (core/record-memory.ts).
    */
   readBuffer(): Buffer {
     const memory = this.memory;
@@ -159,8 +161,9 @@ export class RecordReader {
     const need = have >= 2 ? 2 + memory.readUInt16BE(this.at) + 2 : MIN_ROOM;
     if (this.at + need > memory.length) {
       // The partial record moves to the front of fresh memory: in bulk traffic that is one header.
-      const fresh = Buffer.allocUnsafeSlow(FRESH_READ);
+      const fresh = takeRecordMemory(FRESH_READ);
       memory.copy(fresh, 0, this.at, this.end);
+      retireRecordMemory(memory);
       this.memory = fresh;
       this.at = 0;
       this.end = have;
@@ -177,7 +180,9 @@ export class RecordReader {
       const length = memory.readUInt16BE(at);
       if (end - at - 2 < length) break;
       this.at = at + 2 + length;
-      this.deliver(memory.subarray(at + 2, at + 2 + length));
+      const record = memory.subarray(at + 2, at + 2 + length);
+      recordDelivered(record);
+      this.deliver(record);
       end = this.end;
     }
   }
