@@ -56,6 +56,14 @@ const ERROR_LOG_INTERVAL_MS = 10_000;
 const ADDRESS_CACHE_LIMIT = 4096;
 /** Datagrams read per wake-up after the one dgram delivered, before other work gets a turn. */
 const RECEIVE_BATCH = 64;
+/**
+ * A datagram that comes within this long of the one before is taken as part
+ * of a burst, and what queued behind it is read in a batch; a lone one (a
+ * ping, a request after a pause) is not followed by a read that would only
+ * find the queue empty (10-12 µs on a CPU back from idle, four times per
+ * ping through the tunnel). The second datagram of a burst starts the batch.
+ */
+const BURST_GAP_MS = 1;
 /** Room for any UDP payload, so no datagram read directly is cut short. */
 const RECEIVE_BUFFER_SIZE = 65536;
 
@@ -127,6 +135,8 @@ class UdpEndpoint implements DatagramEndpoint {
   /** Direct sendto/recvfrom on the socket's fd; undefined once the socket closes, or where unavailable. */
   private io: UdpIo | undefined;
   private receiveBuffer: Buffer | undefined;
+  /** performance.now() of the last datagram dgram delivered. */
+  private lastMessageAt = -Infinity;
   /** Datagrams dropped because too many sends were in flight (for debugging). */
   dropped = 0;
 
@@ -149,8 +159,11 @@ class UdpEndpoint implements DatagramEndpoint {
         if (this.early.length < PRESTART_LIMIT) this.early.push({ data, from });
         return;
       }
+      const now = performance.now();
+      const inBurst = now - this.lastMessageAt < BURST_GAP_MS;
+      this.lastMessageAt = now;
       this.deliver(handlers, data, from);
-      if (this.io !== undefined) this.readQueued(handlers);
+      if (this.io !== undefined && inBurst) this.readQueued(handlers);
     });
     socket.on('error', (err) => {
       // An unconnected UDP socket reports send failures to the send callback;

@@ -107,6 +107,32 @@ test(`a burst of ${COUNT} from a plain socket arrives whole and in order, each d
   }
 });
 
+test('a lone datagram is not followed by a batch read; the second of a burst starts one', async () => {
+  const e = await endpoint();
+  const got: Buffer[] = [];
+  e.start({ datagram: (data) => void got.push(data), drain() {}, close() {} });
+  // White box: count the direct reads behind dgram's deliveries.
+  const io = (e as unknown as { io: { receive(buf: Uint8Array): number } }).io;
+  const receive = io.receive.bind(io);
+  let reads = 0;
+  io.receive = (buf) => {
+    reads++;
+    return receive(buf);
+  };
+  const sender = await plainSocket();
+  const port = Number(e.localAddress.split(':')[1]);
+  for (let i = 0; i < 5; i++) {
+    sender.send(patterned(i, SIZE), port, '127.0.0.1');
+    await until(`lone datagram ${i}`, () => got.length === i + 1);
+    await sleep(20);
+  }
+  assert.is(reads, 0, 'datagrams 20 ms apart: dgram delivered each, no read found the queue empty');
+  for (let i = 0; i < COUNT; i++) sender.send(patterned(i, SIZE), port, '127.0.0.1');
+  await until(`${COUNT} datagrams`, () => got.length === 5 + COUNT);
+  assert.ok(reads > 0, 'a burst is read in batches');
+  for (let i = 0; i < COUNT; i++) assert.is(got[5 + i]!.readUInt32BE(0), i, `burst datagram ${i} in order`);
+});
+
 test('a send the kernel refuses (broadcast without SO_BROADCAST) is lost quietly: no throw, the endpoint goes on', async () => {
   const receiver = await plainSocket();
   const got: Buffer[] = [];
