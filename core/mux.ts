@@ -866,8 +866,8 @@ export class Mux {
     let off = 0;
     let bad = 0;
     let firstProblem: string | undefined;
-    // Whether this payload's memory may be read into again once its DATA views are released:
-    // only frames that keep nothing of it but those views (see core/record-memory.ts).
+    // Whether this payload's memory may be read into again once its DATA views are released
+    // (core/record-memory.ts): only if every frame keeps nothing of it but those views.
     let keepsNothing = true;
     while (off < end) {
       if (end - off < FRAME_HEADER) {
@@ -884,7 +884,7 @@ export class Mux {
         firstProblem ??= 'frame longer than its payload';
         break;
       }
-      if (type !== FrameType.DATA && type !== FrameType.WINDOW && type !== FrameType.OPEN_OK && type !== FrameType.FIN && type !== FrameType.RST) keepsNothing = false;
+      if (!keepsNoView(type)) keepsNothing = false;
       let problem: string | undefined;
       try {
         problem = this.handleFrame(type, id, payload, body, len);
@@ -1780,6 +1780,15 @@ const SLAB_SIZE = 1024 * 1024;
 const VIEW_MIN_BYTES = 4096;
 const VIEW_MAX_WASTE = 4;
 const VIEW_FRAMING = 256;
+
+/**
+ * Frames whose handling keeps no reference into the payload but the DATA
+ * views it counts: the others (UDP datagrams, TUN packets, OPEN's target,
+ * pings) go to code that may hold on to a view of the record.
+ */
+function keepsNoView(type: number): boolean {
+  return type === FrameType.DATA || type === FrameType.WINDOW || type === FrameType.OPEN_OK || type === FrameType.FIN || type === FrameType.RST;
+}
 
 function dataChunk(p: Buffer, body: number, len: number): Buffer {
   if (len >= VIEW_MIN_BYTES && len * VIEW_MAX_WASTE + VIEW_FRAMING >= p.buffer.byteLength) {

@@ -53,7 +53,7 @@ const readers = new WeakMap<Duplex, PooledReader>();
 /** net.connect with pooled reads: an ordinary socket until attachPooledSink gives its data a sink (then no more 'data' events). */
 export function connectPooled(options: NetConnectOpts): Socket {
   const reader = new PooledReader();
-  const socket = connect({ ...options, onread: { buffer: reader.nextBuffer, callback: reader.onRead } } as NetConnectOpts);
+  const socket = connect({ ...options, onread: { buffer: reader.nextBuffer, callback: reader.onRead } });
   reader.socket = socket;
   readers.set(socket, reader);
   return socket;

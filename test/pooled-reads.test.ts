@@ -8,18 +8,13 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
-import { Duplex } from 'node:stream';
 import { attachPooledSink, connectPooled, pooledReadStats } from '../core/pooled-reads.ts';
 import { splice } from '../core/splice.ts';
+import { Collector, sha256Of } from './helpers/collector.ts';
 import { withTimeout } from './helpers/timeout.ts';
 
-const sha = (b: Buffer | Buffer[]): string => {
-  const h = createHash('sha256');
-  for (const x of Array.isArray(b) ? b : [b]) h.update(x);
-  return h.digest('hex');
-};
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /** A server that runs `onConnection` for each socket; closed by the returned function. */
@@ -72,7 +67,7 @@ test('a bulk transfer arrives whole through reused buffers; a view not released 
     });
     await withTimeout(ended(socket), 10_000, 'the transfer did not end');
     socket.destroy();
-    assert.is(sha(got), sha(payload), 'every byte, in order');
+    assert.is(sha256Of(got), sha256Of(payload), 'every byte, in order');
     assert.ok(views > 100, `most reads were views of pool buffers (${views})`);
     for (const k of kept) assert.ok(k.view.equals(k.copy), 'a view not released still holds its data');
     const made = pooledReadStats().made - before;
@@ -119,7 +114,7 @@ test('before a sink, a pooled socket is an ordinary Duplex: \'data\' events carr
     socket.on('data', (chunk: Buffer) => got.push(Buffer.from(chunk)));
     await withTimeout(ended(socket), 5_000, 'the transfer did not end');
     socket.destroy();
-    assert.is(sha(got), sha(payload));
+    assert.is(sha256Of(got), sha256Of(payload));
   } finally {
     await srv.close();
   }
@@ -140,7 +135,7 @@ test('data that comes before the sink is buffered with reading stopped, and reac
     });
     await withTimeout(ended(socket), 5_000, 'the transfer did not end');
     socket.destroy();
-    assert.is(sha(got), sha(payload));
+    assert.is(sha256Of(got), sha256Of(payload));
   } finally {
     await srv.close();
   }
@@ -180,24 +175,11 @@ test('a sink that returns false stops reading until resume(); a release twice gi
     socket.resume();
     await withTimeout(ended(socket), 5_000, 'the transfer did not go on after resume()');
     socket.destroy();
-    assert.is(sha(got), sha(payload));
+    assert.is(sha256Of(got), sha256Of(payload));
   } finally {
     await srv.close();
   }
 });
-
-/** A duplex whose writable side keeps every chunk and acknowledges writes a turn later; its readable side stays empty. */
-class Collector extends Duplex {
-  readonly chunks: Buffer[] = [];
-  constructor() {
-    super({ allowHalfOpen: true });
-  }
-  override _read(): void {}
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.chunks.push(Buffer.from(chunk));
-    setImmediate(cb);
-  }
-}
 
 test('splice writes a pooled socket\'s reads and hands the buffers back once written', async () => {
   const payload = randomBytes(8 * 1024 * 1024);
@@ -211,7 +193,7 @@ test('splice writes a pooled socket\'s reads and hands the buffers back once wri
     await withTimeout(finished, 10_000, 'the spliced transfer did not finish');
     socket.destroy();
     out.destroy();
-    assert.is(sha(out.chunks), sha(payload), 'every byte through splice');
+    assert.is(sha256Of(out.chunks), sha256Of(payload), 'every byte through splice');
     assert.ok(pooledReadStats().made - before < 32, `buffers came back through the writes (${pooledReadStats().made - before} made for 8 MiB)`);
     assert.ok(pooledReadStats().free > 0, 'free buffers wait for the next read');
   } finally {

@@ -8,9 +8,9 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
-import { Duplex } from 'node:stream';
+import type { Duplex } from 'node:stream';
 import {
   countView,
   recordDelivered,
@@ -26,6 +26,7 @@ import { EventBus } from '../core/events.ts';
 import { splice } from '../core/splice.ts';
 import { RecordReader } from '../plugins/transport-tcp.ts';
 import { memoryLogger } from './helpers/mux-pair.ts';
+import { Collector, sha256Of } from './helpers/collector.ts';
 import { withTimeout } from './helpers/timeout.ts';
 
 const SIZE = 65541;
@@ -92,24 +93,6 @@ test('memory of other sizes and plain buffers are left alone', () => {
   retireRecordMemory(takeRecordMemory(SIZE));
 });
 
-/** A writable that keeps every chunk and acknowledges each write a turn later. */
-class Collector extends Duplex {
-  readonly chunks: Buffer[] = [];
-  constructor() {
-    super({ allowHalfOpen: true });
-  }
-  override _read(): void {}
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.chunks.push(Buffer.from(chunk));
-    setImmediate(cb);
-  }
-}
-
-const sha = (list: Buffer[]): string => {
-  const h = createHash('sha256');
-  for (const b of list) h.update(b);
-  return h.digest('hex');
-};
 
 /** Length-prefixed records, as the tcp transport frames them. */
 function framed(payload: Buffer): Buffer {
@@ -190,7 +173,7 @@ test('a spliced download reuses its record memory and delivers every byte', asyn
     await finished;
     return out.chunks;
   });
-  assert.is(sha(got), sha([payload]), 'every byte, in order');
+  assert.is(sha256Of(got), sha256Of([payload]), 'every byte, in order');
   // 16 MiB is ~260 records; without reuse each takes memory of its own (the control below).
   assert.ok(made < 64, `record memory was reused: ${made} made for ~260 records`);
 });
@@ -206,7 +189,7 @@ test('control: a reader that never releases its views gets fresh memory for ever
         stream.on('end', () => resolve(chunks));
       }),
   );
-  assert.is(sha(got), sha([payload]), 'every byte, views intact');
+  assert.is(sha256Of(got), sha256Of([payload]), 'every byte, views intact');
   assert.ok(made > 100, `no reuse without releases: ${made} made for ~130 records`);
 });
 
