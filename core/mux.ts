@@ -1251,7 +1251,7 @@ export class Mux {
       s.window *= 2;
     }
     s.grantedAt = now;
-    const free = s.window - s.recvCredit - s.readableLength;
+    const free = s.window - held;
     s.recvCredit += free;
     s.grant += free;
     this.queueCtl(s, C_WINDOW);
