@@ -15,10 +15,12 @@
  * (ping's spacing), to each echo in turn, run after run:
  *   - socat (C): UDP4-LISTEN + PIPE, a read and a write per datagram;
  *   - node:dgram: the datagram sent straight back from 'message', the least
- *     a Node relay can do; run under tsx like dshield.
- * The same probe times both, so its own cost cancels out: the node row's
+ *     a Node relay on the event loop does; run under tsx like dshield;
+ *   - a Node loop that never returns to the event loop (poll, recvfrom and
+ *     sendto through koffi): the least any Node process does per packet.
+ * The same probe times all three, so its own cost cancels out: a node row's
  * "added" column (over socat, the baseline of this metric) is the floor
- * per hop.
+ * per hop, and the smaller of the two is the floor the report quotes.
  */
 import { fileURLToPath } from 'node:url';
 import { ROOT } from '../test/helpers/cli.ts';
@@ -60,6 +62,13 @@ const ECHOES: Echo[] = [
     port: PORTS.hopNode,
     start: (bt) => startIn(bt.topo.ns.server, 'node-echo', process.execPath, ['--import', TSX, DRIVER, 'echo', String(PORTS.hopNode)], { cwd: ROOT }),
   },
+  {
+    id: 'hop/node-loop',
+    system: 'relay hop: Node, no event loop',
+    role: 'reference',
+    port: PORTS.hopNodeLoop,
+    start: (bt) => startIn(bt.topo.ns.server, 'node-loop-echo', process.execPath, ['--import', TSX, DRIVER, 'loop', String(PORTS.hopNodeLoop)], { cwd: ROOT }),
+  },
 ];
 
 function rowOf(echo: Echo, runs: number[], status: Row['status'], reason?: string): Row {
@@ -95,15 +104,15 @@ async function probe(bt: BenchTopology, port: number): Promise<number> {
   }
 }
 
-/** Both echoes, RUNS probe runs each, alternating; rows for the TUN section. */
+/** Every echo, RUNS probe runs each, alternating; rows for the TUN section. */
 export async function runHopFloor(bt: BenchTopology): Promise<Row[]> {
   if (!hasTool('socat')) return ECHOES.map((e) => rowOf(e, [], 'skipped', 'socat not installed'));
   const procs: BenchProc[] = [];
   const runs = new Map<string, number[]>(ECHOES.map((e) => [e.id, []]));
   try {
     for (const echo of ECHOES) procs.push(echo.start(bt));
-    // socat prints nothing when ready; the node echo says so. A datagram sent before socat listens is left out after 1 s.
-    await procs[1]!.waitFor(/^READY$/m, 30_000);
+    // socat prints nothing when ready; the node echoes say so. A datagram sent before socat listens is left out after 1 s.
+    for (const p of procs.slice(1)) await p.waitFor(/^READY$/m, 30_000);
     for (let run = 0; run < RUNS; run++) {
       for (const echo of ECHOES) runs.get(echo.id)!.push(await probe(bt, echo.port));
     }

@@ -92,7 +92,7 @@ function bindCalls(): Calls | null {
  * state object under a symbol; `socket._handle` is the same handle, but
  * reading it prints a deprecation warning (DEP0112).
  */
-function dgramFd(socket: dgram.Socket): number | undefined {
+export function dgramFd(socket: dgram.Socket): number | undefined {
   for (const key of Object.getOwnPropertySymbols(socket)) {
     const state = (socket as unknown as Record<symbol, { handle?: { fd?: unknown } } | undefined>)[key];
     const fd = state?.handle?.fd;
