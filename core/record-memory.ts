@@ -96,6 +96,7 @@ export function viewRelease(chunk: Buffer): (() => void) | undefined {
   return () => releaseView(chunk);
 }
 
+/** `chunk`, a counted view, is no longer read: its memory may go back to the pool. Counts once; no-op otherwise. */
 export function releaseView(chunk: Buffer): void {
   if (!counted.delete(chunk)) return;
   const lease = leases.get(chunk.buffer);
