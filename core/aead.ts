@@ -61,6 +61,8 @@ export interface NodeAeadSpec {
   counterByteOrder: 'BE' | 'LE';
   /** The same AEAD from a library with a cheaper call that works in place: used for every record when given. */
   fast?: InPlaceAead | null;
+  /** Where another thread makes `fast` (CipherPlugin.thread); offered only when `fast` loaded here. */
+  thread?: { module: string; export: string };
 }
 
 /**
@@ -91,6 +93,7 @@ export function nodeAead(spec: NodeAeadSpec): CipherPlugin {
   return {
     name: spec.name,
     noiseName: spec.noiseName,
+    ...(spec.thread !== undefined && fast !== null ? { thread: spec.thread } : {}),
     encrypt(key, counter, ad, plaintext, out) {
       if (!validCounter(counter)) throw new RangeError('counter must be an integer in [0, 2^53)');
       const sealed = out ?? Buffer.allocUnsafe(plaintext.length + TAG_LENGTH);

@@ -31,7 +31,7 @@ import { checkTunPrerequisites } from './tun/preflight.ts';
 import { recoverLeftovers } from './tun/state.ts';
 import { loadCommonPlugins, staticKeyFrom, type CommonPlugins, type Runtime } from './runtime.ts';
 import type { Duplex } from 'node:stream';
-import type { InboundPlugin, Target, Tunnel, TunnelPackets, TunnelUdp, TunParams } from './types.ts';
+import type { InboundPlugin, Target, Tunnel, TunnelPackets, TunnelUdp, TunOffload, TunParams } from './types.ts';
 
 export const BACKOFF_START_MS = 1000;
 export const BACKOFF_MAX_MS = 30_000;
@@ -157,6 +157,9 @@ class Connection {
 
   /** TUN mode: the packet handler inbound-tun registered, and its session listeners. */
   private packetHandler: ((packet: Buffer) => void) | undefined;
+  /** The TUN a receive thread may write packets into (TunnelPackets.offloadTo), and how to stop the current session doing so. */
+  private offloadTun: TunOffload | undefined;
+  private stopOffload: (() => void) | undefined;
   private readonly upHandlers: Array<(params: TunParams) => void> = [];
   private readonly downHandlers: Array<(reason: string) => void> = [];
   private lastTun: TunParams | undefined;
@@ -247,8 +250,17 @@ class Connection {
         if (!this.closed) this.scheduleReconnect(err?.message ?? 'the server closed the tunnel');
       },
     });
+    this.offloadPackets(live);
     for (const w of this.waiters) w.resolve(live);
     this.waiters.clear();
+  }
+
+  /** Let `live`'s session write packets into the TUN from its receive thread, when the TUN asked for it. */
+  private offloadPackets(live: Live): void {
+    this.stopOffload?.();
+    this.stopOffload = undefined;
+    if (this.offloadTun === undefined || live.tun === undefined || this.live !== live) return;
+    this.stopOffload = live.session.offloadPackets?.({ ...this.offloadTun, maxPacket: live.tun.mtu });
   }
 
   private scheduleReconnect(reason: string): void {
@@ -323,6 +335,16 @@ class Connection {
       },
       onPacket(handler: (packet: Buffer) => void): void {
         connection.packetHandler = handler;
+      },
+      offloadTo(tun: TunOffload): () => void {
+        connection.offloadTun = tun;
+        if (connection.live !== undefined) connection.offloadPackets(connection.live);
+        return () => {
+          if (connection.offloadTun !== tun) return;
+          connection.offloadTun = undefined;
+          connection.stopOffload?.();
+          connection.stopOffload = undefined;
+        };
       },
       onUp(handler: (params: TunParams) => void): void {
         connection.upHandlers.push(handler);

@@ -1820,6 +1820,26 @@ function slabCommit(end: number): void {
 // ---------------------------------------------------------------------------
 // Frames and addresses
 
+/**
+ * Whether buf[start, end) is one or more PACKET frames and nothing else,
+ * each of 1..maxPacket bytes, and `accept(at, length)` (if given) takes the
+ * body of each. Stops at the first that is not. For a thread that writes
+ * packets without a Mux (core/datapath/rx-worker.ts) and for the session
+ * that must recognize the records such a thread handles.
+ */
+export function isPacketsOnly(buf: Buffer, start: number, end: number, maxPacket: number, accept?: (at: number, length: number) => boolean): boolean {
+  if (start >= end) return false;
+  for (let at = start; at < end; ) {
+    if (end - at < FRAME_HEADER || buf[at] !== FrameType.PACKET || buf.readUInt32BE(at + 1) !== 0) return false;
+    const length = buf.readUInt16BE(at + 5);
+    const body = at + FRAME_HEADER;
+    if (length === 0 || length > maxPacket || body + length > end) return false;
+    if (accept !== undefined && !accept(body, length)) return false;
+    at = body + length;
+  }
+  return true;
+}
+
 function writeHeader(buf: Buffer, at: number, type: number, id: number, length: number): void {
   buf[at] = type;
   buf.writeUInt32BE(id, at + 1);

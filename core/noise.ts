@@ -109,7 +109,7 @@ export class CipherState {
   counter = 0;
 
   constructor(
-    private readonly cipher: CipherPlugin,
+    readonly cipher: CipherPlugin,
     key?: Buffer,
   ) {
     this.key = key ?? null;
@@ -117,6 +117,11 @@ export class CipherState {
 
   hasKey(): boolean {
     return this.key !== null;
+  }
+
+  /** A copy of the key, for a data-path thread that opens records under it (null before Split). */
+  exportKey(): Buffer | null {
+    return this.key === null ? null : Buffer.from(this.key);
   }
 
   /**

@@ -13,20 +13,31 @@
  *
  * Check before decrypting (cheap refusal of replays), accept after the
  * record authenticated: only authentic records may move the window.
+ *
+ * A window may be shared by two threads (share/attach: a datagram session
+ * and its receive thread, core/datapath/): accept() then runs under a tiny
+ * lock in the shared memory, so a counter is accepted once between them.
  */
 
 /** Words in the ring; a power of two so the ring index is a mask. 128 words = 512 bytes. */
 const RING_WORDS = 128;
 const RING_MASK = RING_WORDS - 1;
 const WORD_BITS = 32;
+// Int32 slots: a lock (shared windows), the highest counter as two 32-bit halves, then the ring.
+const LOCK = 0;
+const HIGH_LO = 1;
+const HIGH_HI = 2;
+const RING = 4;
+const SLOTS = RING + RING_WORDS;
+const TWO_POW_32 = 0x1_0000_0000;
 
 export class ReplayWindow {
   /** Counters at least this far behind the highest accepted one are refused. */
   static readonly SIZE = (RING_WORDS - 1) * WORD_BITS;
 
-  private readonly ring = new Uint32Array(RING_WORDS);
-  /** The highest counter accepted so far (0 before any: counter 0 is still new, its bit is clear). */
-  private highest = 0;
+  /** State (see the slots above); in a SharedArrayBuffer once shared. */
+  private state: Int32Array<ArrayBufferLike> = new Int32Array(SLOTS);
+  private shared = false;
 
   /**
    * True when `counter` would be accepted: an integer in [0, limit), not seen
@@ -34,33 +45,89 @@ export class ReplayWindow {
    */
   check(counter: number, limit = Number.MAX_SAFE_INTEGER): boolean {
     if (!Number.isInteger(counter) || counter < 0 || counter >= limit) return false;
-    if (counter > this.highest) return true;
-    if (this.highest - counter >= ReplayWindow.SIZE) return false;
-    const word = Math.floor(counter / WORD_BITS);
-    return (this.ring[word & RING_MASK] & (1 << (counter - word * WORD_BITS))) === 0;
+    // Unlocked even when shared: accept() checks again under the lock.
+    return this.isNew(counter);
   }
 
   /**
    * Marks `counter` as seen if check() allows it and returns true; false
    * (and nothing changes) for a duplicate, one too old, or a bad counter.
+   * On a shared window this is atomic across threads: each counter is
+   * accepted once, whichever thread offers it.
    */
   accept(counter: number, limit = Number.MAX_SAFE_INTEGER): boolean {
-    if (!this.check(counter, limit)) return false;
-    const word = Math.floor(counter / WORD_BITS);
-    if (counter > this.highest) {
-      // Clear the words between the old highest word and the new one: they
-      // now stand for counters not seen yet (a jump of a whole ring clears all).
-      const current = Math.floor(this.highest / WORD_BITS);
-      const skipped = Math.min(word - current, RING_WORDS);
-      for (let i = 1; i <= skipped; i++) this.ring[(current + i) & RING_MASK] = 0;
-      this.highest = counter;
+    if (!Number.isInteger(counter) || counter < 0 || counter >= limit) return false;
+    if (!this.shared) return this.mark(counter);
+    const s = this.state;
+    // Held for a few dozen instructions, never across a call out: spinning is cheaper than sleeping.
+    for (let spins = 0; Atomics.compareExchange(s, LOCK, 0, 1) !== 0; spins++) {
+      if (spins >= 1000) Atomics.wait(s, LOCK, 1, 1);
     }
-    this.ring[word & RING_MASK] |= 1 << (counter - word * WORD_BITS);
-    return true;
+    try {
+      return this.mark(counter);
+    } finally {
+      Atomics.store(s, LOCK, 0);
+      Atomics.notify(s, LOCK, 1);
+    }
   }
 
   /** The highest counter accepted so far (0 when none). */
   get highestAccepted(): number {
-    return this.highest;
+    return this.highest();
+  }
+
+  /**
+   * Move the window into a SharedArrayBuffer (once; later calls return the
+   * same), so another thread can use it too (ReplayWindow.attach) while
+   * this one goes on: both then accept every counter at most once between them.
+   */
+  share(): SharedArrayBuffer {
+    if (!this.shared) {
+      const state = new Int32Array(new SharedArrayBuffer(SLOTS * 4));
+      state.set(this.state);
+      this.state = state;
+      this.shared = true;
+    }
+    return this.state.buffer as SharedArrayBuffer;
+  }
+
+  /** A window over `buffer`, from share() (possibly in another thread). */
+  static attach(buffer: SharedArrayBuffer): ReplayWindow {
+    if (buffer.byteLength !== SLOTS * 4) throw new RangeError('not a shared ReplayWindow');
+    const window = new ReplayWindow();
+    window.state = new Int32Array(buffer);
+    window.shared = true;
+    return window;
+  }
+
+  private highest(): number {
+    return (this.state[HIGH_HI]! >>> 0) * TWO_POW_32 + (this.state[HIGH_LO]! >>> 0);
+  }
+
+  private isNew(counter: number): boolean {
+    const highest = this.highest();
+    if (counter > highest) return true;
+    if (highest - counter >= ReplayWindow.SIZE) return false;
+    const word = Math.floor(counter / WORD_BITS);
+    return (this.state[RING + (word & RING_MASK)]! & (1 << (counter - word * WORD_BITS))) === 0;
+  }
+
+  private mark(counter: number): boolean {
+    if (!this.isNew(counter)) return false;
+    const s = this.state;
+    const highest = this.highest();
+    const word = Math.floor(counter / WORD_BITS);
+    if (counter > highest) {
+      // Clear the words between the old highest word and the new one: they
+      // now stand for counters not seen yet (a jump of a whole ring clears all).
+      const current = Math.floor(highest / WORD_BITS);
+      const skipped = Math.min(word - current, RING_WORDS);
+      for (let i = 1; i <= skipped; i++) s[RING + ((current + i) & RING_MASK)] = 0;
+      s[HIGH_LO] = counter >>> 0;
+      s[HIGH_HI] = Math.floor(counter / TWO_POW_32);
+    }
+    const at = RING + (word & RING_MASK);
+    s[at] = s[at]! | (1 << (counter - word * WORD_BITS));
+    return true;
   }
 }

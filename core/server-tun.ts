@@ -24,6 +24,7 @@ import { NetChanges } from './tun/netconfig.ts';
 import { runCommand } from './tun/command.ts';
 import { checkTunPrerequisites } from './tun/preflight.ts';
 import type { Mux } from './mux.ts';
+import type { PacketSink } from './session.ts';
 import type { ClientIdentity, Logger, ServerTunConfig, TunParams } from './types.ts';
 
 export interface ServerTun {
@@ -43,10 +44,12 @@ export interface ServerTun {
    * Connect a client's session to the packet path: its packets go to the TUN
    * (if their source is its address), packets for its address go to it. A
    * newer session of the same client replaces an older one. Returns the
-   * detach function (idempotent), and the handler for the mux's onPacket.
+   * detach function (idempotent), the handler for the mux's onPacket, and
+   * where a receive thread may write the client's packets itself
+   * (Session.offloadPackets: the same source check, done there).
    */
-  attach(lease: Lease, mux: () => Mux | undefined): { onPacket(packet: Buffer): void; detach(): void };
-  /** Counters for logs and tests. */
+  attach(lease: Lease, mux: () => Mux | undefined): { onPacket(packet: Buffer): void; detach(): void; sink: PacketSink };
+  /** Counters for logs and tests (of the packets this thread handles; a receive thread's are the session's). */
   stats(): { spoofed: number; noRoute: number; tunDropped: number; toTun: number; fromTun: number };
   /** Undo every system change and remove the device. Idempotent. */
   close(): Promise<void>;
@@ -188,7 +191,7 @@ class PacketRouter implements ServerTun {
     return { lease, params };
   }
 
-  attach(lease: Lease, mux: () => Mux | undefined): { onPacket(packet: Buffer): void; detach(): void } {
+  attach(lease: Lease, mux: () => Mux | undefined): { onPacket(packet: Buffer): void; detach(): void; sink: PacketSink } {
     const route: Route = { lease, mux };
     const previous = this.routes.get(lease.host);
     if (previous && previous.lease.name !== lease.name) {
@@ -201,7 +204,15 @@ class PacketRouter implements ServerTun {
     const detach = (): void => {
       if (this.routes.get(host) === route) this.routes.delete(host);
     };
-    return { onPacket, detach };
+    const sink: PacketSink = {
+      fd: this.dev.fd,
+      source4: lease.ip,
+      maxPacket: this.dev.mtu,
+      readBack: (packet) => this.fromTun(packet, true),
+      lendReader: (hooks) => this.dev.lendReader(hooks),
+    };
+    if (lease.ip6 !== undefined) sink.source6 = lease.ip6;
+    return { onPacket, detach, sink };
   }
 
   /** A packet from a client: only from its own address, then into the kernel. */

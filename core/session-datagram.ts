@@ -77,8 +77,11 @@ import {
 } from './handshake.ts';
 import { MAX_COUNTER, type CipherState, type HandshakeState, type TransportKeys } from './noise.ts';
 import { ReplayWindow } from './replay-window.ts';
+import { parseIp, ipToBytes } from './cidr.ts';
+import { RxThread, type RxSink } from './datapath/rx-thread.ts';
+import { STAT_BYTES, STAT_DATA_RECORDS, STAT_RECORDS, STAT_SENT_BYTES, STAT_SENT_RECORDS, type ThreadAeadRef } from './datapath/rx-protocol.ts';
 import { Roster, type RosterTicket } from './roster.ts';
-import type { ClientHandshakeOptions, ServerAcceptOptions, Session, SessionHandlers } from './session.ts';
+import type { ClientHandshakeOptions, PacketSink, ServerAcceptOptions, Session, SessionHandlers } from './session.ts';
 import type { ClientIdentity, DatagramEndpoint, Logger, TransportListener } from './types.ts';
 
 // ---------------------------------------------------------------------------
@@ -86,11 +89,12 @@ import type { ClientIdentity, DatagramEndpoint, Logger, TransportListener } from
 
 const MSG_INITIATION = 1;
 const MSG_RESPONSE = 2;
-const MSG_DATA = 4;
+/** Exported for the receive thread (core/datapath/rx-worker.ts), which reads DATA messages itself. */
+export const MSG_DATA = 4;
 
 /** type u8 || receiver index u32 || counter u64. */
-const DATA_HEADER = 13;
-const TAG_LENGTH = 16;
+export const DATA_HEADER = 13;
+export const TAG_LENGTH = 16;
 /** Bytes a data record adds to a session payload: header, record type, tag. */
 export const DATAGRAM_RECORD_OVERHEAD = DATA_HEADER + 1 + TAG_LENGTH;
 
@@ -107,6 +111,7 @@ const MIN_DATA = DATA_HEADER + TAG_LENGTH;
 
 // Record types inside the AEAD.
 const DATA = 0;
+export const RECORD_DATA = DATA;
 const REKEY_INIT = 1;
 const REKEY_RESPONSE = 2;
 const CLOSE = 3;
@@ -153,12 +158,27 @@ interface Keypair {
   readonly receive: CipherState;
   /** The next send counter: never repeats under one key. */
   sendCounter: number;
+  /** Once the receive thread may send under these keys too: the next send counter, shared (Atomics.add reserves one). */
+  sharedCounter: BigInt64Array | null;
   readonly window: ReplayWindow;
   readonly bornAt: number;
+  /** The receive thread holds these keys too (their replay window is shared with it). */
+  handedOver: boolean;
 }
 
 function keypairFrom(keys: TransportKeys, localIndex: number, remoteIndex: number): Keypair {
-  return { localIndex, remoteIndex, send: keys.send, receive: keys.receive, sendCounter: 0, window: new ReplayWindow(), bornAt: Date.now() };
+  return { localIndex, remoteIndex, send: keys.send, receive: keys.receive, sendCounter: 0, sharedCounter: null, window: new ReplayWindow(), bornAt: Date.now(), handedOver: false };
+}
+
+/** The next send counter of `kp`, reserved (both threads may send under it; see sharedCounter). */
+function takeCounter(kp: Keypair): number {
+  if (kp.sharedCounter !== null) return Number(Atomics.add(kp.sharedCounter, 0, 1n));
+  return kp.sendCounter++;
+}
+
+/** Records sent (counters taken) under `kp` so far. */
+function countersTaken(kp: Keypair): number {
+  return kp.sharedCounter !== null ? Number(Atomics.load(kp.sharedCounter, 0)) : kp.sendCounter;
 }
 
 /** Where a receiver index leads: the session and the keys to try. */
@@ -189,7 +209,10 @@ class IndexTable {
   }
   delete(index: number): void {
     this.map.delete(index);
+    this.onDelete?.(index);
   }
+  /** Told of every index deleted (the receive thread forgets keys it holds). */
+  onDelete: ((index: number) => void) | undefined;
 
   /** A MSG_DATA datagram: to the session its receiver index names, if any (else dropped). */
   deliverData(data: Buffer, from: string): void {
@@ -197,6 +220,102 @@ class IndexTable {
     const entry = this.map.get(data.readUInt32LE(1));
     if (entry) entry.session.onDataRecord(entry.keypair, data, from);
   }
+}
+
+/**
+ * An endpoint's receive thread (core/datapath/), for sessions in TUN mode:
+ * started by the first session that offloads its packets, stopped with the
+ * endpoint. Where it cannot run (no handOffReceive, a cipher without a
+ * thread AEAD, no koffi) sessions simply keep everything on the main thread.
+ * If it fails later, the sessions that relied on it end (TUNNEL_DOWN; a
+ * client reconnects), since their replay windows now live in the thread.
+ */
+class ReceiveThread {
+  /** undefined: not tried yet; null: cannot run here (not tried again). */
+  private thread: RxThread | null | undefined;
+  /** Sessions relying on the thread, by the id of their sink. */
+  private readonly users = new Map<number, DatagramSession>();
+  /** Indices whose keys the thread holds, so only those deletions are sent to it. */
+  private readonly handedOver = new Set<number>();
+
+  constructor(
+    private readonly endpoint: DatagramEndpoint,
+    private readonly indices: IndexTable,
+    private readonly deliver: (data: Buffer, from: string) => void,
+    private readonly log: Logger,
+  ) {}
+
+  /** The thread for `session`, started on first use with the cipher's thread AEAD; null where it cannot run. */
+  acquire(aead: ThreadAeadRef): RxThread | null {
+    if (this.thread === undefined) {
+      this.thread =
+        RxThread.start(this.endpoint, aead, {
+          raw: (data, from) => this.deliver(data, from),
+          opened: (index, plaintext, length, from) => {
+            const entry = this.indices.get(index);
+            if (entry) entry.session.onOpenedRecord(entry.keypair, plaintext, length, from);
+          },
+          tunPacket: (sink, packet) => this.users.get(sink)?.onReadBack(packet),
+          ended: (reason) => this.failed(reason),
+        }) ?? null;
+      if (this.thread !== null) {
+        this.log.debug('TUN packets take a receive thread of their own (udp)');
+        this.indices.onDelete = (index) => {
+          if (this.handedOver.delete(index)) this.thread?.drop(index);
+        };
+      }
+    }
+    return this.thread !== null && this.thread.running ? this.thread : null;
+  }
+
+  /** `session` now relies on the thread (it gave it a sink and keys). */
+  register(session: DatagramSession, sink: number): void {
+    this.users.set(sink, session);
+  }
+
+  /** A datagram reached the main thread (the thread hands reading back after a quiet spell). */
+  noteDatagram(): void {
+    this.thread?.noteDatagram();
+  }
+
+  handOver(thread: RxThread, command: Parameters<RxThread['handOver']>[0]): void {
+    this.handedOver.add(command.index);
+    thread.handOver(command);
+  }
+
+  release(session: DatagramSession, sink: RxSink): void {
+    if (this.users.get(sink.id) === session && this.users.delete(sink.id)) this.thread?.removeSink(sink.id);
+  }
+
+  /** Stop the thread (the endpoint is closing). */
+  close(): void {
+    if (this.thread) this.log.debug('udp receive thread stopped', this.thread.counts);
+    this.thread?.close();
+    this.thread = null;
+    this.users.clear();
+  }
+
+  private failed(reason: string): void {
+    this.log.warn(`the udp receive thread stopped (${reason}); packets take the main thread from now on`);
+    this.thread = null;
+    const users = [...this.users.values()];
+    this.users.clear();
+    for (const session of users) session.destroy(tunnelDown(`the udp receive thread stopped: ${reason}`));
+  }
+}
+
+/** An IPv4 address as a big-endian word, or null if `text` is not one. */
+function ipWord(text: string): number | null {
+  const bytes = ipBytes(text, 4);
+  return bytes === null ? null : bytes.readUInt32BE(0);
+}
+
+/** The bytes of an address of `length` bytes (4: IPv4, 16: IPv6), or null if `text` is not one. */
+function ipBytes(text: string, length: 4 | 16): Buffer | null {
+  const ip = parseIp(text);
+  if (ip === null) return null;
+  const bytes = ipToBytes(ip);
+  return bytes.length === length ? bytes : null;
 }
 
 function readCounter(data: Buffer, at: number): number {
@@ -224,6 +343,8 @@ interface DatagramSessionInit {
   side: 'client' | 'server';
   endpoint: DatagramEndpoint;
   indices: IndexTable;
+  /** The endpoint's receive thread, for offloadPackets. */
+  receiver: ReceiveThread;
   peerAddress: string;
   keypair: Keypair;
   peer?: ClientIdentity;
@@ -295,6 +416,17 @@ class DatagramSession implements Session {
   private readonly tick: NodeJS.Timeout;
   private lastSentAt = Date.now();
   private lastDataReceivedAt = 0;
+  /** Set by offloadPackets: the receive thread writes this session's packets; its counters as last read. */
+  private offload: {
+    thread: RxThread;
+    sink: RxSink;
+    readBack: ((packet: Buffer) => void) | undefined;
+    records: number;
+    dataRecords: number;
+    bytes: number;
+    sent: number;
+    sentBytes: number;
+  } | null = null;
 
   constructor(init: DatagramSessionInit) {
     this.init = init;
@@ -384,6 +516,37 @@ class DatagramSession implements Session {
     return ok;
   }
 
+  offloadPackets(sink: PacketSink): (() => void) | undefined {
+    if (this.state !== 'open' || this.offload !== null) return undefined;
+    const aead = this.current.receive.cipher.thread;
+    if (aead === undefined) return undefined;
+    const source4 = sink.source4 === undefined ? -1 : ipWord(sink.source4);
+    const source6 = sink.source6 === undefined ? null : ipBytes(sink.source6, 16);
+    if (source4 === null || (sink.source6 !== undefined && source6 === null)) return undefined;
+    const thread = this.init.receiver.acquire(aead);
+    if (thread === null) return undefined;
+    let rxSink: RxSink;
+    try {
+      rxSink = thread.addSink(sink, source4, source6, this.side === 'server' ? this.peerAddress : null, this.peerAddress);
+    } catch (err) {
+      this.log.debug('packets stay on the main thread', { error: errorText(err) });
+      return undefined;
+    }
+    if (sink.lendReader !== undefined) thread.borrowReader(sink.lendReader);
+    const offload = { thread, sink: rxSink, readBack: sink.readBack, records: 0, dataRecords: 0, bytes: 0, sent: 0, sentBytes: 0 };
+    this.offload = offload;
+    this.init.receiver.register(this, rxSink.id);
+    if (this.previous !== null) this.handOver(this.previous);
+    this.handOver(this.current);
+    this.shareSending(this.current);
+    return () => {
+      if (this.offload !== offload) return;
+      this.foldThreadCounts(Date.now());
+      this.offload = null;
+      this.init.receiver.release(this, offload.sink);
+    };
+  }
+
   close(): void {
     if (this.state !== 'open') return;
     // One datagram, which may be lost: then the peer notices by its keepalive or idle timeout.
@@ -408,12 +571,25 @@ class DatagramSession implements Session {
     // In place: the datagram is ours, and no other key will be tried on it.
     const plaintext = keypair.receive.decryptAt(counter, data.subarray(0, DATA_HEADER), data.subarray(DATA_HEADER), data.subarray(DATA_HEADER, data.length - TAG_LENGTH));
     if (plaintext === null) return;
-    keypair.window.accept(counter, MAX_COUNTER);
-    this.bytesIn += data.length;
+    // The receive thread may have accepted it meanwhile (the window is shared with it then).
+    if (!keypair.window.accept(counter, MAX_COUNTER)) return;
+    this.afterRecord(keypair, plaintext, data.length, from, now);
+  }
+
+  /** A record the receive thread opened and accepted into its window: everything but the packets it writes itself. */
+  onOpenedRecord(keypair: Keypair, plaintext: Buffer, length: number, from: string): void {
+    if (this.state !== 'open') return;
+    this.afterRecord(keypair, plaintext, length, from, Date.now());
+  }
+
+  /** What follows an authentic, new record of `length` bytes on the wire. */
+  private afterRecord(keypair: Keypair, plaintext: Buffer, length: number, from: string, now: number): void {
+    this.bytesIn += length;
     this.lastReceivedAt = now;
     if (from !== this.peerAddress && this.side === 'server') {
       this.log.debug('peer roamed', { client: this.peer?.name, from: this.peerAddress, to: from });
       this.peerAddress = from;
+      this.offload?.thread.setPeer(this.offload.sink.id, from);
     }
     if (keypair !== this.current && this.nexts.includes(keypair)) this.useNext(keypair);
     if (!this.confirmed) {
@@ -497,12 +673,11 @@ class DatagramSession implements Session {
    */
   private seal(out: Buffer, plainLength: number): boolean {
     const kp = this.current;
-    const counter = kp.sendCounter;
+    const counter = takeCounter(kp);
     if (counter >= MAX_COUNTER) {
       this.end(protocolError('the session ran out of record counters before a rekey'));
       return false;
     }
-    kp.sendCounter = counter + 1;
     out[0] = MSG_DATA;
     out.writeUInt32LE(kp.remoteIndex, 1);
     out.writeUInt32LE(counter >>> 0, 5);
@@ -621,6 +796,8 @@ class DatagramSession implements Session {
     this.indices.set({ session: this, keypair: next });
     this.retire(this.current);
     this.current = next;
+    this.handOver(next);
+    this.shareSending(next);
     this.sendRecord(null, null); // tells the server the new keys are in use
     this.rekeyed();
   }
@@ -631,6 +808,8 @@ class DatagramSession implements Session {
     this.nexts = [];
     this.retire(this.current);
     this.current = next;
+    this.handOver(next);
+    this.shareSending(next);
     this.rekeyed();
   }
 
@@ -638,6 +817,69 @@ class DatagramSession implements Session {
   private retire(old: Keypair): void {
     if (this.previous !== null) this.indices.delete(this.previous.localIndex);
     this.previous = old;
+  }
+
+  /** Give the receive thread `kp`'s receiving key and replay window (when packets are offloaded). */
+  private handOver(kp: Keypair): void {
+    const offload = this.offload;
+    if (offload === null || kp.handedOver) return;
+    const key = kp.receive.exportKey();
+    if (key === null) return;
+    kp.handedOver = true;
+    this.init.receiver.handOver(offload.thread, {
+      op: 'keys',
+      index: kp.localIndex,
+      sink: offload.sink.id,
+      key,
+      bornAt: kp.bornAt,
+      rejectAfterMs: this.init.rejectAfterMs,
+      window: kp.window.share(),
+    });
+  }
+
+  /** Let the receive thread send under `kp` (the current keys) too: its counter becomes shared. */
+  private shareSending(kp: Keypair): void {
+    const offload = this.offload;
+    if (offload === null) return;
+    const key = kp.send.exportKey();
+    if (key === null) return;
+    if (kp.sharedCounter === null) {
+      kp.sharedCounter = new BigInt64Array(new SharedArrayBuffer(8));
+      kp.sharedCounter[0] = BigInt(kp.sendCounter);
+    }
+    offload.thread.setSending(offload.sink.id, key, kp.remoteIndex, kp.sharedCounter.buffer as SharedArrayBuffer);
+  }
+
+  /** A packet the receive thread read from our TUN and could not send: as if the TUN had read it. */
+  onReadBack(packet: Buffer): void {
+    try {
+      this.offload?.readBack?.(packet);
+    } catch (err) {
+      this.log.error('a packet read-back handler threw', { error: errorText(err) });
+    }
+  }
+
+  /** Take in what the receive thread counted since the last look: it stands for records we did not see. */
+  private foldThreadCounts(now: number): void {
+    const offload = this.offload;
+    if (offload === null) return;
+    const stats = offload.sink.stats;
+    const records = Atomics.load(stats, STAT_RECORDS);
+    const dataRecords = Atomics.load(stats, STAT_DATA_RECORDS);
+    const bytes = Atomics.load(stats, STAT_BYTES);
+    const sent = Atomics.load(stats, STAT_SENT_RECORDS);
+    const sentBytes = Atomics.load(stats, STAT_SENT_BYTES);
+    if (records !== offload.records) this.lastReceivedAt = now;
+    if (dataRecords !== offload.dataRecords) this.lastDataReceivedAt = now;
+    if (sent !== offload.sent) this.lastSentAt = now;
+    // Differences modulo 2^32: the counters wrap (see STAT_BYTES).
+    this.bytesIn += (bytes - offload.bytes) >>> 0;
+    this.bytesOut += (sentBytes - offload.sentBytes) >>> 0;
+    offload.records = records;
+    offload.dataRecords = dataRecords;
+    offload.bytes = bytes;
+    offload.sent = sent;
+    offload.sentBytes = sentBytes;
   }
 
   private rekeyed(): void {
@@ -655,6 +897,7 @@ class DatagramSession implements Session {
   private housekeeping(): void {
     if (this.state !== 'open') return;
     const now = Date.now();
+    this.foldThreadCounts(now);
     const { rekeyAfterMs, rejectAfterMs, idleTimeoutMs } = this.init;
     if (now - this.lastReceivedAt >= idleTimeoutMs) {
       this.end(tunnelDown(`no authenticated record from the peer for ${Math.round(idleTimeoutMs / 1000)} s: the session expired`));
@@ -675,7 +918,7 @@ class DatagramSession implements Session {
       }
     }
     if (this.init.newInitiator !== undefined) {
-      const wornOut = age >= rekeyAfterMs || this.current.sendCounter >= REKEY_AFTER_RECORDS;
+      const wornOut = age >= rekeyAfterMs || countersTaken(this.current) >= REKEY_AFTER_RECORDS;
       if (this.pendingRekeys.size === 0 ? wornOut : now >= this.rekeyResendAt) this.startRekey(now);
     }
     if (this.lastDataReceivedAt > this.lastSentAt && now - this.lastDataReceivedAt >= PASSIVE_KEEPALIVE_MS) {
@@ -695,6 +938,11 @@ class DatagramSession implements Session {
 
   private cleanup(): void {
     clearInterval(this.tick);
+    if (this.offload !== null) {
+      this.foldThreadCounts(Date.now());
+      this.init.receiver.release(this, this.offload.sink);
+      this.offload = null;
+    }
     this.indices.delete(this.current.localIndex);
     if (this.previous !== null) this.indices.delete(this.previous.localIndex);
     for (const next of this.nexts) this.indices.delete(next.localIndex);
@@ -743,6 +991,17 @@ export function connectDatagramSession(endpoint: DatagramEndpoint, serverAddress
     const log = opts.log;
     const timeoutMs = opts.handshakeTimeoutMs;
     const indices = new IndexTable();
+    const onDatagram = (data: Buffer, from: string): void => {
+      if (data.length === 0) return;
+      receiver.noteDatagram();
+      const type = data[0];
+      if (type === MSG_DATA) {
+        indices.deliverData(data, from);
+      } else if (type === MSG_RESPONSE && !settled) {
+        onResponse(data);
+      }
+    };
+    const receiver = new ReceiveThread(endpoint, indices, onDatagram, log);
     const pending = new Map<number, HandshakeState>();
     let newInitiator: () => HandshakeState;
     try {
@@ -845,6 +1104,7 @@ export function connectDatagramSession(endpoint: DatagramEndpoint, serverAddress
         side: 'client',
         endpoint,
         indices,
+        receiver,
         peerAddress: serverAddress,
         keypair: keypairFrom(hs.split(), clientIndex, serverIndex),
         params,
@@ -861,7 +1121,10 @@ export function connectDatagramSession(endpoint: DatagramEndpoint, serverAddress
           log.debug('handshake complete', { remote: serverAddress, attempts });
           resolve(s);
         },
-        onGone: () => endpoint.close(),
+        onGone: () => {
+          receiver.close();
+          endpoint.close();
+        },
         bytesIn,
         bytesOut,
       });
@@ -872,19 +1135,12 @@ export function connectDatagramSession(endpoint: DatagramEndpoint, serverAddress
     };
 
     endpoint.start({
-      datagram(data, from) {
-        if (data.length === 0) return;
-        const type = data[0];
-        if (type === MSG_DATA) {
-          indices.deliverData(data, from);
-        } else if (type === MSG_RESPONSE && !settled) {
-          onResponse(data);
-        }
-      },
+      datagram: onDatagram,
       drain() {
         session?.onDrain();
       },
       close(err) {
+        receiver.close();
         if (settled) {
           session?.onEndpointClose(err);
           return;
@@ -957,6 +1213,22 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
   const ctx: ResponderContext = { cipher: opts.cipher, hash: opts.hash, staticKey: opts.staticKey, auth: opts.auth, replay: opts.replay };
   const log = opts.log;
   const indices = new IndexTable();
+  const onDatagram = (data: Buffer, from: string): void => {
+    if (data.length === 0) return;
+    receiver.noteDatagram();
+    const type = data[0];
+    if (type === MSG_DATA) {
+      indices.deliverData(data, from);
+    } else if (type === MSG_INITIATION) {
+      try {
+        onInitiation(data, from);
+      } catch (err) {
+        // A bug (here or in a plugin) must not crash the server or reveal anything to the peer.
+        refuse(`internal error: ${errorText(err)}`, from);
+      }
+    }
+  };
+  const receiver = new ReceiveThread(endpoint, indices, onDatagram, log);
   // A roster, not a Set: every session passes through (see core/roster.ts).
   const sessions = new Roster<DatagramSession>();
   /** Half-open sessions, per client key (base64) and in total. */
@@ -989,6 +1261,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
   const maybeCloseEndpoint = (): void => {
     if (!accepting && sessions.size === 0 && halfOpenCount === 0 && !endpointClosed) {
       endpointClosed = true;
+      receiver.close();
       endpoint.close();
     }
   };
@@ -1052,6 +1325,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
       side: 'server',
       endpoint,
       indices,
+      receiver,
       peerAddress: from,
       keypair: keypairFrom(init.state.split(), localIndex, clientIndex),
       peer: init.identity,
@@ -1107,26 +1381,14 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
   };
 
   endpoint.start({
-    datagram(data, from) {
-      if (data.length === 0) return;
-      const type = data[0];
-      if (type === MSG_DATA) {
-        indices.deliverData(data, from);
-      } else if (type === MSG_INITIATION) {
-        try {
-          onInitiation(data, from);
-        } catch (err) {
-          // A bug (here or in a plugin) must not crash the server or reveal anything to the peer.
-          refuse(`internal error: ${errorText(err)}`, from);
-        }
-      }
-    },
+    datagram: onDatagram,
     drain() {
       for (const s of sessions.values()) if (s.wantsDrain) s.onDrain();
     },
     close(err) {
       endpointClosed = true;
       accepting = false;
+      receiver.close();
       for (const list of [...halfOpen.values()]) for (const s of [...list]) s.discard();
       for (const s of sessions.values()) s.onEndpointClose(err);
     },

@@ -39,7 +39,7 @@ import {
 } from './handshake.ts';
 import { NoiseError, type CipherState, type HandshakePattern, type HandshakeState, type HashName, type TransportKeys } from './noise.ts';
 import { ReplayGuard } from './replay.ts';
-import type { AuthPlugin, CipherPlugin, ClientIdentity, Link, Logger } from './types.ts';
+import type { AuthPlugin, CipherPlugin, ClientIdentity, Link, Logger, TunOffload } from './types.ts';
 import type { KeyPair } from './x25519.ts';
 
 export type { HashName } from './noise.ts';
@@ -98,6 +98,28 @@ export interface Session {
   close(): void;
   /** Drop the link at once; handlers.close(err) is called synchronously. */
   destroy(err?: Error): void;
+  /**
+   * Optional (datagram sessions whose endpoint and cipher allow a receive
+   * thread, core/datapath/): from now on, records that carry only PACKET
+   * frames from `sink`'s allowed source may be opened on that thread and
+   * written straight into `sink.fd` (a TUN fd; the thread writes to a dup),
+   * without reaching handlers.message. Everything else is delivered as
+   * before. Returns the function that stops it (the dup is closed soon
+   * after; packets under keys the thread held are dropped until the next
+   * rekey, so call it only when the TUN goes away), or undefined when the
+   * session cannot. Call at most once; it also ends with the session.
+   */
+  offloadPackets?(sink: PacketSink): (() => void) | undefined;
+}
+
+/** Where a session's incoming IP packets may be written by a receive thread (Session.offloadPackets). */
+export interface PacketSink extends TunOffload {
+  /** The only IPv4 source address a packet may carry ("10.66.0.2"); absent: any. */
+  source4?: string;
+  /** The only IPv6 source address; absent with source4 set: IPv6 packets take the main thread. */
+  source6?: string;
+  /** Longer packets take the main thread (which refuses them). */
+  maxPacket: number;
 }
 
 export interface ClientHandshakeOptions {

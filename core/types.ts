@@ -255,6 +255,14 @@ export interface DatagramEndpoint {
   readonly pending?: number;
   /** Stop delivering, let sends in flight finish, release the socket. Idempotent. */
   close(): void;
+  /**
+   * Optional: stop reading datagrams on the event loop, so that a thread of
+   * the caller's reads the socket instead (recvfrom(2) on a dup of `fd`) and
+   * passes on what it does not handle. `resume()` reads on the event loop
+   * again. Undefined where the socket cannot be read that way (an IPv6
+   * socket, no koffi); the endpoint then goes on as before.
+   */
+  handOffReceive?(): { fd: number; resume(): void } | undefined;
 }
 
 export interface DatagramTransportPlugin extends Closable {
@@ -297,6 +305,14 @@ export interface CipherPlugin {
    * bytes are undefined (the ciphertext may be gone when in place).
    */
   decrypt(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out?: Buffer): Buffer | null;
+  /**
+   * Optional: how another thread computes this same AEAD. The `export` of
+   * `module` (a file URL) is a function that returns an InPlaceAead
+   * (core/aead.ts), or null where it cannot load in that thread. TUN mode
+   * over udp opens packets on a thread of its own with it (core/datapath/);
+   * without it, every record is opened on the main thread.
+   */
+  readonly thread?: { module: string; export: string };
 }
 
 // ---------------------------------------------------------------------------
@@ -417,6 +433,43 @@ export interface TunParams {
 }
 
 /** The client core's packet path for inbound-tun. */
+/**
+ * The reading of a TUN queue lent to another thread (TunDevice.lendReader):
+ * while the pump's CTRL_READER slot (core/tun/pump-protocol.ts) says
+ * READER_MAIN, the borrower reads the fd, where the main thread's event
+ * loop would; when packets come in bursts it sets READER_PUMP and writes
+ * `pumpWakeFd`, as the main thread would. The pump hands reading back as
+ * usual; the lender then calls the borrower's wake().
+ */
+export interface TunReaderLoan {
+  /** The queue's fd (O_NONBLOCK). The borrower reads through a dup of it. */
+  readonly fd: number;
+  /** The pump's control slots (Int32). */
+  readonly ctrl: SharedArrayBuffer;
+  /** The pump's eventfd. */
+  readonly pumpWakeFd: number;
+  /** The borrower has stopped reading: the main thread reads again. Idempotent. */
+  giveBack(): void;
+}
+
+/** What the borrower of a TUN queue's reading is told (TunDevice.lendReader). */
+export interface TunReaderHooks {
+  /** The pump handed reading back: look at CTRL_READER again. */
+  wake(): void;
+  /** The device is closing: stop using the fd (and its dup) now. */
+  revoke(): void;
+}
+
+/** What a TUN offers a receive thread that writes (and reads) its packets itself (Session.offloadPackets). */
+export interface TunOffload {
+  /** A TUN fd; the caller keeps owning it (the thread writes to a dup). */
+  fd: number;
+  /** A packet the thread read from the TUN but cannot send: handle it as if the device had read it. */
+  readBack?(packet: Buffer): void;
+  /** Lend the reading of lone packets to the thread (see TunReaderLoan); undefined: the device cannot. */
+  lendReader?(hooks: TunReaderHooks): TunReaderLoan | undefined;
+}
+
 export interface TunnelPackets {
   /**
    * The server endpoint, resolved once at start: the client dials this
@@ -438,6 +491,14 @@ export interface TunnelPackets {
   send(packet: Uint8Array, alone?: boolean): boolean;
   /** Packets from the server; the buffer is valid only during the call. One handler; a later call replaces it. */
   onPacket(handler: (packet: Buffer) => void): void;
+  /**
+   * Optional: packets from the server may also be written straight into
+   * `tun.fd` by a receive thread, never reaching onPacket (see
+   * Session.offloadPackets); the core asks every session it brings up. The
+   * thread may also read lone packets from the TUN and send them itself.
+   * Undo with the returned function. The caller keeps owning `fd`.
+   */
+  offloadTo?(tun: TunOffload): () => void;
   /** Called on every session up after the first (a reconnect), with that session's parameters. */
   onUp(handler: (params: TunParams) => void): void;
   /** Called when a session goes down (packets are dropped until onUp). */

@@ -87,18 +87,44 @@ function bindCalls(): Calls | null {
   return calls;
 }
 
+interface UdpHandle {
+  fd?: unknown;
+  recvStart?: () => number;
+  recvStop?: () => number;
+}
+
 /**
- * The fd of a bound dgram socket. node:dgram keeps its handle in an internal
- * state object under a symbol; `socket._handle` is the same handle, but
- * reading it prints a deprecation warning (DEP0112).
+ * node:dgram's handle of a socket. dgram keeps it in an internal state
+ * object under a symbol; `socket._handle` is the same handle, but reading it
+ * prints a deprecation warning (DEP0112).
  */
-export function dgramFd(socket: dgram.Socket): number | undefined {
+function dgramHandle(socket: dgram.Socket): UdpHandle | undefined {
   for (const key of Object.getOwnPropertySymbols(socket)) {
-    const state = (socket as unknown as Record<symbol, { handle?: { fd?: unknown } } | undefined>)[key];
-    const fd = state?.handle?.fd;
-    if (typeof fd === 'number' && fd >= 0) return fd;
+    const handle = (socket as unknown as Record<symbol, { handle?: UdpHandle } | undefined>)[key]?.handle;
+    if (handle !== undefined && handle !== null && typeof handle === 'object' && 'fd' in handle) return handle;
   }
   return undefined;
+}
+
+/** The fd of a bound dgram socket. */
+export function dgramFd(socket: dgram.Socket): number | undefined {
+  const fd = dgramHandle(socket)?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
+
+/**
+ * Stop (false) or restart (true) node:dgram's reading of a bound socket,
+ * through its handle's recvStop/recvStart. False when that cannot be done.
+ */
+export function setDgramReading(socket: dgram.Socket, on: boolean): boolean {
+  const handle = dgramHandle(socket);
+  const call = on ? handle?.recvStart : handle?.recvStop;
+  if (typeof call !== 'function') return false;
+  try {
+    return call.call(handle) === 0;
+  } catch {
+    return false;
+  }
 }
 
 const littleEndian = endianness() === 'LE';
@@ -132,6 +158,17 @@ export function openUdpIo(socket: dgram.Socket): UdpIo | undefined {
     fd = undefined;
   }
   if (fd === undefined) return undefined;
+  return udpIoOnFd(fd);
+}
+
+/**
+ * Direct I/O on an IPv4 UDP socket's fd (one this thread may use: a dup of a
+ * dgram socket's fd in a worker, for one), or undefined where koffi cannot
+ * load. The fd must stay open while the result is in use.
+ */
+export function udpIoOnFd(fd: number): UdpIo | undefined {
+  const c = bindCalls();
+  if (c === null) return undefined;
   const { sendto, recvfrom, errno, names } = c;
   const sockaddr = Buffer.alloc(SOCKADDR_IN_SIZE);
   const sockaddrLength = new Uint32Array(1);

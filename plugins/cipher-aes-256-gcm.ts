@@ -16,6 +16,13 @@ export default definePlugin({
   description: 'AES-256-GCM AEAD (Noise "AESGCM"), fastest with AES hardware',
   options: {},
   create(): CipherPlugin {
-    return nodeAead({ name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE', fast: loadOpenSslAesGcm() });
+    return nodeAead({
+      name: 'aes-256-gcm',
+      noiseName: 'AESGCM',
+      algorithm: 'aes-256-gcm',
+      counterByteOrder: 'BE',
+      fast: loadOpenSslAesGcm(),
+      thread: { module: new URL('../core/openssl-aead.ts', import.meta.url).href, export: 'loadOpenSslAesGcm' },
+    });
   },
 });

@@ -17,7 +17,8 @@ import type { CipherPlugin } from '../core/types.ts';
 /** Records from this size up go to OpenSSL (measured crossover ~3.4 KiB). */
 const LARGE_RECORD = 4096;
 
-function fastChaCha(): InPlaceAead | null {
+/** The in-place AEAD this plugin uses; exported so a data-path thread makes the same (CipherPlugin.thread). */
+export function fastChaCha(): InPlaceAead | null {
   const sodium = loadSodiumChaCha();
   const openssl = loadOpenSslChaCha();
   if (sodium !== null && openssl !== null) return bySize(sodium, openssl, LARGE_RECORD);
@@ -30,6 +31,13 @@ export default definePlugin({
   description: 'ChaCha20-Poly1305 AEAD (Noise "ChaChaPoly"), fast everywhere',
   options: {},
   create(): CipherPlugin {
-    return nodeAead({ name: 'chacha20-poly1305', noiseName: 'ChaChaPoly', algorithm: 'chacha20-poly1305', counterByteOrder: 'LE', fast: fastChaCha() });
+    return nodeAead({
+      name: 'chacha20-poly1305',
+      noiseName: 'ChaChaPoly',
+      algorithm: 'chacha20-poly1305',
+      counterByteOrder: 'LE',
+      fast: fastChaCha(),
+      thread: { module: import.meta.url, export: 'fastChaCha' },
+    });
   },
 });

@@ -75,6 +75,8 @@ class TunInbound implements InboundPlugin {
   private addressUndo: Undo[] = [];
   private closing: Promise<void> | undefined;
   private dropped = 0;
+  /** Stops the receive thread writing into the device (TunnelPackets.offloadTo). */
+  private stopOffload: (() => void) | undefined;
   /** The parameters the device is set up with. */
   private current: TunParams | undefined;
 
@@ -135,6 +137,14 @@ class TunInbound implements InboundPlugin {
     packets.onPacket((packet) => {
       if (!dev.write(packet)) this.dropped++;
     });
+    // Over udp, packets from the server may be written into the TUN by a receive thread instead.
+    this.stopOffload = packets.offloadTo?.({
+      fd: dev.fd,
+      readBack: (packet) => {
+        if (!packets.send(packet, true)) this.dropped++;
+      },
+      lendReader: (hooks) => dev.lendReader(hooks),
+    });
     this.current = { ...params };
     packets.onUp((next) => void this.reconnected(next));
     packets.onDown(() => this.log.debug('tunnel down: TUN packets are dropped until it is back'));
@@ -180,6 +190,8 @@ class TunInbound implements InboundPlugin {
         const errors = await net.undoAll();
         for (const e of errors) this.log.error(e.message);
       }
+      this.stopOffload?.();
+      this.stopOffload = undefined;
       await this.dev?.close().catch((err: unknown) => this.log.warn(`closing the TUN device: ${(err as Error).message}`));
       if (this.dropped > 0) this.log.debug(`TUN packets dropped (tunnel down or congested): ${this.dropped}`);
     })();

@@ -42,7 +42,7 @@ import { FRAME_HEADER } from '../core/mux.ts';
 import { datagramSizeFor } from '../core/session-datagram.ts';
 import type { DatagramEndpoint, DatagramHandlers, DatagramTransportPlugin, Logger } from '../core/types.ts';
 import { EAGAIN, ENOBUFS } from '../core/errno.ts';
-import { openUdpIo, sockaddrIn, type UdpIo } from '../core/udp-io.ts';
+import { dgramFd, openUdpIo, setDgramReading, sockaddrIn, type UdpIo } from '../core/udp-io.ts';
 
 /** The largest UDP payload over IPv4 (65535 - 20 - 8). */
 const MAX_UDP_PAYLOAD = 65507;
@@ -244,6 +244,19 @@ class UdpEndpoint implements DatagramEndpoint {
       return false;
     }
     return true;
+  }
+
+  handOffReceive(): { fd: number; resume(): void } | undefined {
+    // Only where this endpoint reads directly itself (IPv4, koffi): the same conditions hold for the thread.
+    if (this.io === undefined || this.closing) return undefined;
+    const fd = dgramFd(this.socket);
+    if (fd === undefined || !setDgramReading(this.socket, false)) return undefined;
+    return {
+      fd,
+      resume: () => {
+        if (!this.socketClosed) setDgramReading(this.socket, true);
+      },
+    };
   }
 
   close(): void {

@@ -57,10 +57,10 @@ import {
 import { createWakeFd, TunQueueIo, wake } from './queue-io.ts';
 import { PacketRing } from './ring.ts';
 import { startTsWorker } from './ts-worker.ts';
+import { BurstMeter, TUN_BURST } from './burst-meter.ts';
+import type { TunReaderHooks, TunReaderLoan } from '../types.ts';
 
 export const DEFAULT_TUN_NAME = 'dshield%d';
-/** Packets per millisecond on a queue from which its pump does the reads or the writes. */
-const BURST = 16;
 /** The kernel's limit for multi-queue TUN devices. */
 export const MAX_TUN_QUEUES = 256;
 const TUN_PATH = '/dev/net/tun';
@@ -239,6 +239,18 @@ export interface TunDevice {
   /** The device failed (removed from outside, a pump died). The device is closed after this. */
   onError(handler: (err: DshieldError) => void): void;
   /**
+   * The first queue's fd, for a thread that writes packets into the device
+   * itself (Session.offloadPackets): it must use a dup, which keeps the
+   * device alive until closed. Valid until close().
+   */
+  readonly fd: number;
+  /**
+   * Lend the first queue's reading of lone packets to another thread (see
+   * TunReaderLoan), in place of the main thread's event loop. Undefined when
+   * the main thread does not read that queue itself, or it is lent already.
+   */
+  lendReader(hooks: TunReaderHooks): TunReaderLoan | undefined;
+  /**
    * Queue one whole IP packet for the kernel (copied; the caller may reuse
    * `packet`). Returns false when the caller should stop until onDrain; a
    * packet that did not fit is dropped (counted in stats().txDropped), as a NIC would.
@@ -270,29 +282,6 @@ const waitAsync = (
   }
 ).waitAsync;
 
-/**
- * Counts events in windows of 1 ms and says whether they come in bursts:
- * `burst` or more in the current window, or in the window just before it.
- */
-class BurstMeter {
-  private start = -Infinity;
-  private count = 0;
-  private busy = false;
-
-  constructor(private readonly burst: number) {}
-
-  /** Count one event at `now` (performance.now()); true while events come in bursts. */
-  tick(now: number): boolean {
-    if (now - this.start >= 1) {
-      this.busy = this.count >= this.burst && now - this.start < 2;
-      this.start = now;
-      this.count = 0;
-    }
-    if (++this.count >= this.burst) this.busy = true;
-    return this.busy;
-  }
-}
-
 function closeQuietly(fd: number): void {
   try {
     closeSync(fd);
@@ -321,6 +310,8 @@ interface QueueState {
   reader: MainReader | undefined;
   /** Reads by the main thread: a burst hands reading to the pump. */
   reads: BurstMeter;
+  /** Another thread reads in the main thread's place (lendReader); the reader above is closed meanwhile. */
+  lent: TunReaderHooks | undefined;
   exited: Promise<void>;
   /** The pump's last words, when it ended on an error. */
   endReason?: string;
@@ -364,9 +355,10 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
         flushScheduled: false,
         txBlocked: false,
         direct: new TunQueueIo(tun.fds[i]!, wakeFd),
-        writes: new BurstMeter(BURST),
+        writes: new BurstMeter(TUN_BURST),
         reader: undefined,
-        reads: new BurstMeter(BURST),
+        reads: new BurstMeter(TUN_BURST),
+        lent: undefined,
         exited: Promise.resolve(),
       };
       if (opts.mainThreadReads !== false) q.reader = openMainReader(q.fd, maxPacket, { onPacket: (p) => readDirect(q, p), onError: () => handToPump(q) });
@@ -481,7 +473,10 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
       q.rx.consume(deliver, DELIVER_PER_TURN);
       if (q.rx.takeProducerWaiting()) wake(q.wakeFd);
       // The pump handed reading back: what it read is delivered, so this thread may go on.
-      if (q.reader && !q.rx.hasData && Atomics.load(q.ctrl, CTRL_READER) === READER_MAIN) q.reader.start();
+      if (!q.rx.hasData && Atomics.load(q.ctrl, CTRL_READER) === READER_MAIN) {
+        if (q.reader) q.reader.start();
+        else q.lent?.wake();
+      }
     }
     checkDrain(q);
     if (packetHandler && q.rx.hasData) {
@@ -552,6 +547,9 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     if (closedPromise) return closedPromise;
     closing = true;
     for (const q of queues) {
+      const lent = q.lent;
+      q.lent = undefined;
+      lent?.revoke();
       q.reader?.close();
       Atomics.store(q.ctrl, CTRL_STOP, 1);
       wake(q.wakeFd);
@@ -571,6 +569,27 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     name: tun.name,
     queues: queues.length,
     mtu: tun.mtu,
+    fd: tun.fds[0]!,
+    lendReader(hooks) {
+      const q = queues[0]!;
+      if (closing || q.reader === undefined || q.lent !== undefined) return undefined;
+      q.reader.close();
+      q.reader = undefined;
+      q.lent = hooks;
+      return {
+        fd: q.fd,
+        ctrl: q.ctrl.buffer as SharedArrayBuffer,
+        pumpWakeFd: q.wakeFd,
+        giveBack() {
+          if (q.lent !== hooks) return;
+          q.lent = undefined;
+          if (closing) return;
+          q.reader = openMainReader(q.fd, maxPacket, { onPacket: (p) => readDirect(q, p), onError: () => handToPump(q) });
+          if (!q.reader) handToPump(q);
+          else if (packetHandler && Atomics.load(q.ctrl, CTRL_READER) === READER_MAIN) q.reader.start();
+        },
+      };
+    },
     onPacket(handler) {
       const first = packetHandler === undefined;
       packetHandler = handler;

@@ -27,8 +27,10 @@ export const CTRL_TX_ERRORS = 2;
 /**
  * Who reads the TUN fd: READER_MAIN (the main thread's event loop, while
  * packets come one at a time; see main-reader.ts) or READER_PUMP. Main hands
- * reading to the pump when packets come fast; the pump hands it back after
- * PUMP_HAND_BACK_MS without a packet. Each side changes it only while it is
+ * reading to the pump when packets come fast; the pump hands it back at the
+ * end of a PUMP_HAND_BACK_MS window in which it read fewer than
+ * PUMP_HAND_BACK_BELOW packets (not only after silence: a ping every 10 ms
+ * after a download must not keep the pump reading, two wake-ups a packet). Each side changes it only while it is
  * the reader, and stops reading before it does, so packets keep their order.
  * READER_PUMP_ONLY: the main thread cannot read this fd; the pump never hands back.
  */
@@ -37,6 +39,7 @@ export const READER_MAIN = 0;
 export const READER_PUMP = 1;
 export const READER_PUMP_ONLY = 2;
 export const PUMP_HAND_BACK_MS = 20;
+export const PUMP_HAND_BACK_BELOW = 16;
 /** errno of the fatal error, -1 if it was not a syscall error. */
 export const CTRL_ERRNO = 4;
 export const CTRL_SLOTS = 8;

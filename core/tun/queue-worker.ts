@@ -26,6 +26,7 @@ import {
   CTRL_READER,
   CTRL_STOP,
   CTRL_TX_ERRORS,
+  PUMP_HAND_BACK_BELOW,
   PUMP_HAND_BACK_MS,
   READER_MAIN,
   READER_PUMP,
@@ -47,6 +48,9 @@ function notifyMain(): void {
 
 function run(): void {
   let rxBlocked = false;
+  // Packets read in the current hand-back window (see PUMP_HAND_BACK_BELOW).
+  let windowStart = performance.now();
+  let windowReads = 0;
   const writeOne = (p: Uint8Array) => {
     if (!io.write(p)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
   };
@@ -76,17 +80,32 @@ function run(): void {
       got++;
     }
     if (got > 0 && rx.publish()) notifyMain();
+    windowReads += got;
     if (got === BATCH || written === BATCH) continue;
 
     // Nothing left: sleep until the fd is readable or main wakes us (tx data,
     // rx space, stop). The flag + re-check pairs with main's publish().
     if (!tx.prepareToWait()) continue;
     const mayHandBack = reader === READER_PUMP && !rxBlocked;
-    if (io.wait(reading && !rxBlocked, mayHandBack ? PUMP_HAND_BACK_MS : -1) === 'timeout' && mayHandBack) {
-      // Quiet: the main thread reads again (it drains the ring first).
-      Atomics.store(ctrl, CTRL_READER, READER_MAIN);
-      notifyMain();
+    if (mayHandBack) {
+      const now = performance.now();
+      if (now - windowStart >= PUMP_HAND_BACK_MS) {
+        const slow = windowReads < PUMP_HAND_BACK_BELOW;
+        windowStart = now;
+        windowReads = 0;
+        if (slow) {
+          // Packets come one at a time again: the main thread reads (it drains the ring first).
+          Atomics.store(ctrl, CTRL_READER, READER_MAIN);
+          notifyMain();
+          tx.doneWaiting();
+          continue;
+        }
+      }
+    } else {
+      windowStart = performance.now();
+      windowReads = 0;
     }
+    io.wait(reading && !rxBlocked, mayHandBack ? Math.max(1, Math.ceil(windowStart + PUMP_HAND_BACK_MS - performance.now())) : -1);
     tx.doneWaiting();
   }
 }
