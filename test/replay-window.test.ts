@@ -6,6 +6,8 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { ReplayWindow } from '../core/replay-window.ts';
+import { startTsWorker } from '../core/tun/ts-worker.ts';
+import { withTimeout } from './helpers/timeout.ts';
 
 const SIZE = ReplayWindow.SIZE;
 
@@ -88,6 +90,50 @@ test('wraparound: the bitmap ring wraps many times and stays exact', () => {
   assert.ok(w.accept(big + 33));
   assert.not.ok(w.accept(big));
   assert.not.ok(w.accept(big - SIZE - 40), 'too old above 2^32');
+});
+
+
+test('a shared window keeps what was accepted before it was shared, in every view', () => {
+  const w = new ReplayWindow();
+  for (const c of [1, 2, 3, 900]) assert.ok(w.accept(c));
+  const other = ReplayWindow.attach(w.share());
+  assert.is(w.share(), w.share(), 'shared once: the same memory every time');
+  for (const c of [1, 2, 3, 900]) assert.not.ok(other.accept(c), `counter ${c} was accepted before sharing`);
+  assert.ok(other.accept(901), 'new in the other view');
+  assert.not.ok(w.accept(901), 'and then refused in the first');
+  assert.ok(w.accept(5000));
+  assert.is(other.highestAccepted, 5000);
+  assert.not.ok(other.check(5000 - SIZE), 'too old, in the other view too, once the window moved');
+  assert.ok(other.check(5000 - SIZE + 1), 'the oldest still inside');
+  assert.throws(() => ReplayWindow.attach(new SharedArrayBuffer(16)), /not a shared ReplayWindow/);
+});
+
+test('two threads offering the same counters to a shared window accept each exactly once', async () => {
+  const w = new ReplayWindow();
+  const buffer = w.share();
+  const start = new SharedArrayBuffer(4);
+  const count = 20_000;
+  // The worker offers every counter the main thread offers too, at the same time.
+  const worker = startTsWorker(new URL('./fixtures/replay-window-worker.ts', import.meta.url), { workerData: { buffer, from: 0, to: count, start } });
+  try {
+    const theirs = new Promise<number[]>((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+    await new Promise((r) => setTimeout(r, 300)); // let it load and wait on `start`
+    Atomics.store(new Int32Array(start), 0, 1);
+    Atomics.notify(new Int32Array(start), 0);
+    const mine: number[] = [];
+    for (let c = 0; c < count; c++) if (w.accept(c)) mine.push(c);
+    const other = await withTimeout(theirs, 10_000, 'the worker\'s counters');
+    const all = [...mine, ...other].sort((a, b) => a - b);
+    assert.is(all.length, new Set(all).size, 'no counter accepted twice');
+    // Counters too far behind the highest when one side got to them are refused by both: none accepted twice, none invented.
+    for (const c of all) assert.ok(c >= 0 && c < count);
+    assert.ok(all.length >= count - SIZE * 2, `most counters accepted by one side or the other (${all.length} of ${count})`);
+  } finally {
+    await worker.terminate();
+  }
 });
 
 test.run();

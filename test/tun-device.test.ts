@@ -436,6 +436,29 @@ test('packets one at a time are read on the main thread; a burst goes to the pum
   await dev.close();
 });
 
+test('after a burst, packets that go on trickling (one every 5 ms) are read on the main thread again', async () => {
+  const dev = await upTun({ name: 'dshtr%d' }, '10.16.0.1/24');
+  const alone: boolean[] = [];
+  const seqs = udpSequences(dev, alone);
+  const send = seqSender('10.16.0.2');
+  let seq = 0;
+  for (let chunk = 0; chunk < 40; chunk++) {
+    for (let i = 0; i < 50; i++) send(seq++);
+    await new Promise((r) => setImmediate(r));
+  }
+  // No quiet spell: the trickle starts at once and never pauses for the hand-back window (20 ms).
+  for (let i = 0; i < 40; i++) {
+    send(seq++);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  await waitSettled('the trickle to arrive', () => seqs.length);
+  assert.ok(alone.includes(false), 'the pump read part of the burst');
+  // Waiting for silence would have kept the pump reading every one of them (two wake-ups a packet).
+  assert.equal(alone.slice(-10), new Array(10).fill(true), `the trickle's tail is read on the main thread: ${JSON.stringify(alone.slice(-10))}`);
+  for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `in order: ${seqs[i - 1]} then ${seqs[i]} at ${i}`);
+  await dev.close();
+});
+
 test('packets written one at a time are written by the main thread; a burst goes through the pump, in order', async () => {
   const dev = await upTun({ name: 'dshwr%d' }, '10.15.0.1/24');
   const sock = createSocket('udp4');
