@@ -157,7 +157,7 @@ class Connection {
 
   /** TUN mode: the packet handler inbound-tun registered, and its session listeners. */
   private packetHandler: ((packet: Buffer) => void) | undefined;
-  /** The TUN a receive thread may write packets into (TunnelPackets.offloadTo), and how to stop the current session doing so. */
+  /** The TUN a packet thread may write packets into (TunnelPackets.offloadTo), and how to stop the current session doing so. */
   private offloadTun: TunOffload | undefined;
   private stopOffload: (() => void) | undefined;
   private readonly upHandlers: Array<(params: TunParams) => void> = [];
@@ -255,7 +255,7 @@ class Connection {
     this.waiters.clear();
   }
 
-  /** Let `live`'s session write packets into the TUN from its receive thread, when the TUN asked for it. */
+  /** Let `live`'s session write packets into the TUN from its packet thread, when the TUN asked for it. */
   private offloadPackets(live: Live): void {
     this.stopOffload?.();
     this.stopOffload = undefined;

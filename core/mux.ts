@@ -1824,7 +1824,7 @@ function slabCommit(end: number): void {
  * Whether buf[start, end) is one or more PACKET frames and nothing else,
  * each of 1..maxPacket bytes, and `accept(at, length)` (if given) takes the
  * body of each. Stops at the first that is not. For a thread that writes
- * packets without a Mux (core/datapath/rx-worker.ts) and for the session
+ * packets without a Mux (core/datapath/packet-worker.ts) and for the session
  * that must recognize the records such a thread handles.
  */
 export function isPacketsOnly(buf: Buffer, start: number, end: number, maxPacket: number, accept?: (at: number, length: number) => boolean): boolean {

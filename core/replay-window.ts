@@ -15,7 +15,7 @@
  * record authenticated: only authentic records may move the window.
  *
  * A window may be shared by two threads (share/attach: a datagram session
- * and its receive thread, core/datapath/): accept() then runs under a tiny
+ * and its packet thread, core/datapath/): accept() then runs under a tiny
  * lock in the shared memory, so a counter is accepted once between them.
  */
 

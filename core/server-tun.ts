@@ -45,11 +45,11 @@ export interface ServerTun {
    * (if their source is its address), packets for its address go to it. A
    * newer session of the same client replaces an older one. Returns the
    * detach function (idempotent), the handler for the mux's onPacket, and
-   * where a receive thread may write the client's packets itself
+   * where a packet thread may write the client's packets itself
    * (Session.offloadPackets: the same source check, done there).
    */
   attach(lease: Lease, mux: () => Mux | undefined): { onPacket(packet: Buffer): void; detach(): void; sink: PacketSink };
-  /** Counters for logs and tests (of the packets this thread handles; a receive thread's are the session's). */
+  /** Counters for logs and tests (of the packets this thread handles; a packet thread's are the session's). */
   stats(): { spoofed: number; noRoute: number; tunDropped: number; toTun: number; fromTun: number };
   /** Undo every system change and remove the device. Idempotent. */
   close(): Promise<void>;

@@ -130,7 +130,7 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
         });
       },
     });
-    // Over udp, the client's packets may go into the TUN from a receive thread, off the event loop.
+    // Over udp, the client's packets may go into the TUN from a packet thread, off the event loop.
     if (packets) session.offloadPackets?.(packets.sink);
   };
 

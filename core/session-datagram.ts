@@ -78,8 +78,8 @@ import {
 import { MAX_COUNTER, type CipherState, type HandshakeState, type TransportKeys } from './noise.ts';
 import { ReplayWindow } from './replay-window.ts';
 import { parseIp, ipToBytes } from './cidr.ts';
-import { RxThread, type RxSink } from './datapath/rx-thread.ts';
-import { STAT_BYTES, STAT_DATA_RECORDS, STAT_RECORDS, STAT_SENT_BYTES, STAT_SENT_RECORDS, type ThreadAeadRef } from './datapath/rx-protocol.ts';
+import { PacketThread, type ThreadSink } from './datapath/packet-thread.ts';
+import { STAT_BYTES, STAT_DATA_RECORDS, STAT_RECORDS, STAT_SENT_BYTES, STAT_SENT_RECORDS, type ThreadAeadRef } from './datapath/packet-protocol.ts';
 import { Roster, type RosterTicket } from './roster.ts';
 import type { ClientHandshakeOptions, PacketSink, ServerAcceptOptions, Session, SessionHandlers } from './session.ts';
 import type { ClientIdentity, DatagramEndpoint, Logger, TransportListener } from './types.ts';
@@ -89,7 +89,7 @@ import type { ClientIdentity, DatagramEndpoint, Logger, TransportListener } from
 
 const MSG_INITIATION = 1;
 const MSG_RESPONSE = 2;
-/** Exported for the receive thread (core/datapath/rx-worker.ts), which reads DATA messages itself. */
+/** Exported for the packet thread (core/datapath/packet-worker.ts), which reads DATA messages itself. */
 export const MSG_DATA = 4;
 
 /** type u8 || receiver index u32 || counter u64. */
@@ -158,11 +158,11 @@ interface Keypair {
   readonly receive: CipherState;
   /** The next send counter: never repeats under one key. */
   sendCounter: number;
-  /** Once the receive thread may send under these keys too: the next send counter, shared (Atomics.add reserves one). */
+  /** Once the packet thread may send under these keys too: the next send counter, shared (Atomics.add reserves one). */
   sharedCounter: BigInt64Array | null;
   readonly window: ReplayWindow;
   readonly bornAt: number;
-  /** The receive thread holds these keys too (their replay window is shared with it). */
+  /** The packet thread holds these keys too (their replay window is shared with it). */
   handedOver: boolean;
 }
 
@@ -211,7 +211,7 @@ class IndexTable {
     this.map.delete(index);
     this.onDelete?.(index);
   }
-  /** Told of every index deleted (the receive thread forgets keys it holds). */
+  /** Told of every index deleted (the packet thread forgets keys it holds). */
   onDelete: ((index: number) => void) | undefined;
 
   /** A MSG_DATA datagram: to the session its receiver index names, if any (else dropped). */
@@ -223,16 +223,17 @@ class IndexTable {
 }
 
 /**
- * An endpoint's receive thread (core/datapath/), for sessions in TUN mode:
+ * An endpoint's packet thread (core/datapath/), for sessions in TUN mode:
  * started by the first session that offloads its packets, stopped with the
  * endpoint. Where it cannot run (no handOffReceive, a cipher without a
  * thread AEAD, no koffi) sessions simply keep everything on the main thread.
- * If it fails later, the sessions that relied on it end (TUNNEL_DOWN; a
- * client reconnects), since their replay windows now live in the thread.
+ * If it fails later, the sessions go on without it: the endpoint and the
+ * TUN are read on the main thread again, and the replay windows and send
+ * counters the thread shared are the sessions' own memory.
  */
-class ReceiveThread {
+class PacketThreadSlot {
   /** undefined: not tried yet; null: cannot run here (not tried again). */
-  private thread: RxThread | null | undefined;
+  private thread: PacketThread | null | undefined;
   /** Sessions relying on the thread, by the id of their sink. */
   private readonly users = new Map<number, DatagramSession>();
   /** Indices whose keys the thread holds, so only those deletions are sent to it. */
@@ -246,10 +247,10 @@ class ReceiveThread {
   ) {}
 
   /** The thread for `session`, started on first use with the cipher's thread AEAD; null where it cannot run. */
-  acquire(aead: ThreadAeadRef): RxThread | null {
+  acquire(aead: ThreadAeadRef): PacketThread | null {
     if (this.thread === undefined) {
       this.thread =
-        RxThread.start(this.endpoint, aead, {
+        PacketThread.start(this.endpoint, aead, {
           raw: (data, from) => this.deliver(data, from),
           opened: (index, plaintext, length, from) => {
             const entry = this.indices.get(index);
@@ -259,7 +260,7 @@ class ReceiveThread {
           ended: (reason) => this.failed(reason),
         }) ?? null;
       if (this.thread !== null) {
-        this.log.debug('TUN packets take a receive thread of their own (udp)');
+        this.log.debug('TUN packets take a packet thread of their own (udp)');
         this.indices.onDelete = (index) => {
           if (this.handedOver.delete(index)) this.thread?.drop(index);
         };
@@ -278,29 +279,27 @@ class ReceiveThread {
     this.thread?.noteDatagram();
   }
 
-  handOver(thread: RxThread, command: Parameters<RxThread['handOver']>[0]): void {
+  handOver(thread: PacketThread, command: Parameters<PacketThread['handOver']>[0]): void {
     this.handedOver.add(command.index);
     thread.handOver(command);
   }
 
-  release(session: DatagramSession, sink: RxSink): void {
+  release(session: DatagramSession, sink: ThreadSink): void {
     if (this.users.get(sink.id) === session && this.users.delete(sink.id)) this.thread?.removeSink(sink.id);
   }
 
   /** Stop the thread (the endpoint is closing). */
   close(): void {
-    if (this.thread) this.log.debug('udp receive thread stopped', this.thread.counts);
+    if (this.thread) this.log.debug('udp packet thread stopped', this.thread.counts);
     this.thread?.close();
     this.thread = null;
     this.users.clear();
   }
 
   private failed(reason: string): void {
-    this.log.warn(`the udp receive thread stopped (${reason}); packets take the main thread from now on`);
+    this.log.warn(`the udp packet thread stopped (${reason}); packets take the main thread from now on`);
     this.thread = null;
-    const users = [...this.users.values()];
     this.users.clear();
-    for (const session of users) session.destroy(tunnelDown(`the udp receive thread stopped: ${reason}`));
   }
 }
 
@@ -343,8 +342,8 @@ interface DatagramSessionInit {
   side: 'client' | 'server';
   endpoint: DatagramEndpoint;
   indices: IndexTable;
-  /** The endpoint's receive thread, for offloadPackets. */
-  receiver: ReceiveThread;
+  /** The endpoint's packet thread, for offloadPackets. */
+  receiver: PacketThreadSlot;
   peerAddress: string;
   keypair: Keypair;
   peer?: ClientIdentity;
@@ -416,10 +415,10 @@ class DatagramSession implements Session {
   private readonly tick: NodeJS.Timeout;
   private lastSentAt = Date.now();
   private lastDataReceivedAt = 0;
-  /** Set by offloadPackets: the receive thread writes this session's packets; its counters as last read. */
+  /** Set by offloadPackets: the packet thread writes this session's packets; its counters as last read. */
   private offload: {
-    thread: RxThread;
-    sink: RxSink;
+    thread: PacketThread;
+    sink: ThreadSink;
     readBack: ((packet: Buffer) => void) | undefined;
     records: number;
     dataRecords: number;
@@ -525,7 +524,7 @@ class DatagramSession implements Session {
     if (source4 === null || (sink.source6 !== undefined && source6 === null)) return undefined;
     const thread = this.init.receiver.acquire(aead);
     if (thread === null) return undefined;
-    let rxSink: RxSink;
+    let rxSink: ThreadSink;
     try {
       rxSink = thread.addSink(sink, source4, source6, this.side === 'server' ? this.peerAddress : null, this.peerAddress);
     } catch (err) {
@@ -571,12 +570,12 @@ class DatagramSession implements Session {
     // In place: the datagram is ours, and no other key will be tried on it.
     const plaintext = keypair.receive.decryptAt(counter, data.subarray(0, DATA_HEADER), data.subarray(DATA_HEADER), data.subarray(DATA_HEADER, data.length - TAG_LENGTH));
     if (plaintext === null) return;
-    // The receive thread may have accepted it meanwhile (the window is shared with it then).
+    // The packet thread may have accepted it meanwhile (the window is shared with it then).
     if (!keypair.window.accept(counter, MAX_COUNTER)) return;
     this.afterRecord(keypair, plaintext, data.length, from, now);
   }
 
-  /** A record the receive thread opened and accepted into its window: everything but the packets it writes itself. */
+  /** A record the packet thread opened and accepted into its window: everything but the packets it writes itself. */
   onOpenedRecord(keypair: Keypair, plaintext: Buffer, length: number, from: string): void {
     if (this.state !== 'open') return;
     this.afterRecord(keypair, plaintext, length, from, Date.now());
@@ -819,7 +818,7 @@ class DatagramSession implements Session {
     this.previous = old;
   }
 
-  /** Give the receive thread `kp`'s receiving key and replay window (when packets are offloaded). */
+  /** Give the packet thread `kp`'s receiving key and replay window (when packets are offloaded). */
   private handOver(kp: Keypair): void {
     const offload = this.offload;
     if (offload === null || kp.handedOver) return;
@@ -837,7 +836,7 @@ class DatagramSession implements Session {
     });
   }
 
-  /** Let the receive thread send under `kp` (the current keys) too: its counter becomes shared. */
+  /** Let the packet thread send under `kp` (the current keys) too: its counter becomes shared. */
   private shareSending(kp: Keypair): void {
     const offload = this.offload;
     if (offload === null) return;
@@ -850,7 +849,7 @@ class DatagramSession implements Session {
     offload.thread.setSending(offload.sink.id, key, kp.remoteIndex, kp.sharedCounter.buffer as SharedArrayBuffer);
   }
 
-  /** A packet the receive thread read from our TUN and could not send: as if the TUN had read it. */
+  /** A packet the packet thread read from our TUN and could not send: as if the TUN had read it. */
   onReadBack(packet: Buffer): void {
     try {
       this.offload?.readBack?.(packet);
@@ -859,7 +858,7 @@ class DatagramSession implements Session {
     }
   }
 
-  /** Take in what the receive thread counted since the last look: it stands for records we did not see. */
+  /** Take in what the packet thread counted since the last look: it stands for records we did not see. */
   private foldThreadCounts(now: number): void {
     const offload = this.offload;
     if (offload === null) return;
@@ -1001,7 +1000,7 @@ export function connectDatagramSession(endpoint: DatagramEndpoint, serverAddress
         onResponse(data);
       }
     };
-    const receiver = new ReceiveThread(endpoint, indices, onDatagram, log);
+    const receiver = new PacketThreadSlot(endpoint, indices, onDatagram, log);
     const pending = new Map<number, HandshakeState>();
     let newInitiator: () => HandshakeState;
     try {
@@ -1228,7 +1227,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
       }
     }
   };
-  const receiver = new ReceiveThread(endpoint, indices, onDatagram, log);
+  const receiver = new PacketThreadSlot(endpoint, indices, onDatagram, log);
   // A roster, not a Set: every session passes through (see core/roster.ts).
   const sessions = new Roster<DatagramSession>();
   /** Half-open sessions, per client key (base64) and in total. */

@@ -112,7 +112,7 @@ export interface Session {
   offloadPackets?(sink: PacketSink): (() => void) | undefined;
 }
 
-/** Where a session's incoming IP packets may be written by a receive thread (Session.offloadPackets). */
+/** Where a session's incoming IP packets may be written by a packet thread (Session.offloadPackets). */
 export interface PacketSink extends TunOffload {
   /** The only IPv4 source address a packet may carry ("10.66.0.2"); absent: any. */
   source4?: string;

@@ -460,7 +460,7 @@ export interface TunReaderHooks {
   revoke(): void;
 }
 
-/** What a TUN offers a receive thread that writes (and reads) its packets itself (Session.offloadPackets). */
+/** What a TUN offers a packet thread that writes (and reads) its packets itself (Session.offloadPackets). */
 export interface TunOffload {
   /** A TUN fd; the caller keeps owning it (the thread writes to a dup). */
   fd: number;
@@ -493,7 +493,7 @@ export interface TunnelPackets {
   onPacket(handler: (packet: Buffer) => void): void;
   /**
    * Optional: packets from the server may also be written straight into
-   * `tun.fd` by a receive thread, never reaching onPacket (see
+   * `tun.fd` by a packet thread, never reaching onPacket (see
    * Session.offloadPackets); the core asks every session it brings up. The
    * thread may also read lone packets from the TUN and send them itself.
    * Undo with the returned function. The caller keeps owning `fd`.

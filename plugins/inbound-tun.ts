@@ -75,7 +75,7 @@ class TunInbound implements InboundPlugin {
   private addressUndo: Undo[] = [];
   private closing: Promise<void> | undefined;
   private dropped = 0;
-  /** Stops the receive thread writing into the device (TunnelPackets.offloadTo). */
+  /** Stops the packet thread writing into the device (TunnelPackets.offloadTo). */
   private stopOffload: (() => void) | undefined;
   /** The parameters the device is set up with. */
   private current: TunParams | undefined;
@@ -137,7 +137,7 @@ class TunInbound implements InboundPlugin {
     packets.onPacket((packet) => {
       if (!dev.write(packet)) this.dropped++;
     });
-    // Over udp, packets from the server may be written into the TUN by a receive thread instead.
+    // Over udp, packets from the server may be written into the TUN by a packet thread instead.
     this.stopOffload = packets.offloadTo?.({
       fd: dev.fd,
       readBack: (packet) => {

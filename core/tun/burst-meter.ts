@@ -1,7 +1,7 @@
 /**
  * Whether events come in bursts, for the threads that decide who reads a TUN
- * queue (device.ts, and a receive thread that borrows the reading,
- * core/datapath/rx-worker.ts).
+ * queue (device.ts, and a packet thread that borrows the reading,
+ * core/datapath/packet-worker.ts).
  */
 
 /** Packets per millisecond on a TUN queue from which its pump does the reads or the writes. */

@@ -1,6 +1,6 @@
 /**
  * core/datapath/ (through Session.offloadPackets): a datagram session over
- * the udp transport on 127.0.0.1 whose packets take the receive thread. A
+ * the udp transport on 127.0.0.1 whose packets take the packet thread. A
  * datagram socketpair stands in for the TUN (one packet per read and
  * write, as a TUN fd), so the test sees exactly what the thread writes and
  * gives it packets to read, without a device.
@@ -139,7 +139,7 @@ for (const [name, def] of [
   ['chacha20-poly1305', chachaDef],
   ['aes-256-gcm', aesDef],
 ] as const) {
-  test(`${name}: packets take the receive thread both ways; everything else takes the main thread`, async () => {
+  test(`${name}: packets take the packet thread both ways; everything else takes the main thread`, async () => {
     const cipher = def.create({}, undefined as never) as CipherPlugin;
     assert.ok(cipher.thread, 'the built-in cipher says how a thread makes it');
     const pair = await sessionPair(cipher);

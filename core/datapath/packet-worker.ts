@@ -26,16 +26,19 @@
  * everything that is not a plain packet: handshakes, control records,
  * rekeys, roaming, timers, and the packets the pump reads.
  *
- * Replay protection stays exact across the two threads: main hands over
- * each set of keys with its replay window as it was, and from then on every
- * counter under those keys is accepted by exactly one window. The thread
- * accepts what it opens (records it handles, and records it passes to main
- * already opened, which main must not check again); main drops records the
- * thread would handle if they reach it raw (they raced the hand-over), so
- * none is delivered twice. Nonces stay unique: the sending counter is one
+ * Datagrams go the same way: this thread reads the socket while they come
+ * one at a time and hands it to main's batched path (node:dgram and
+ * recvfrom batches, its core doing the work) when 16 come within a
+ * millisecond ('udp-busy'); main hands it back after a slow 20 ms window.
+ *
+ * Either thread may take any record: the replay window of every set of keys
+ * main hands over lives in shared memory under a lock (ReplayWindow.share),
+ * so a counter is accepted once whichever thread gets it. A record this
+ * thread opened but passes to main is passed already accepted, and main
+ * does not check it again. Nonces stay unique: the sending counter is one
  * shared BigInt64 that both threads advance with Atomics.add.
  *
- * workerData: RxWorkerData. Commands: RxCommand (rx-protocol.ts).
+ * workerData: PacketWorkerData. Commands: PacketCommand (packet-protocol.ts).
  */
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
@@ -60,12 +63,12 @@ import {
   STAT_RECORDS,
   STAT_SENT_BYTES,
   STAT_SENT_RECORDS,
-  type RxCommand,
-  type RxEvent,
-  type RxWorkerData,
-} from './rx-protocol.ts';
+  type PacketCommand,
+  type PacketEvent,
+  type PacketWorkerData,
+} from './packet-protocol.ts';
 
-const data = workerData as RxWorkerData & { port: MessagePort };
+const data = workerData as PacketWorkerData & { port: MessagePort };
 const port = data.port;
 const ctrl = new Int32Array(data.ctrl);
 /** Datagrams read per wake before the port gets a look (new keys, stop). */
@@ -114,7 +117,7 @@ interface Reader {
   reads: BurstMeter;
 }
 let reader: Reader | null = null;
-/** Whether this thread reads the socket (see 'udp-busy' in rx-protocol.ts). */
+/** Whether this thread reads the socket (see 'udp-busy' in packet-protocol.ts). */
 let udpOwned = true;
 const datagramBursts = new BurstMeter(TUN_BURST);
 
@@ -125,7 +128,7 @@ function closeReader(): void {
   reader = null;
 }
 
-function post(event: RxEvent, transfer?: ArrayBuffer[]): void {
+function post(event: PacketEvent, transfer?: ArrayBuffer[]): void {
   parentPort!.postMessage(event, transfer);
 }
 
@@ -137,12 +140,13 @@ function destination(peer: string): Buffer | undefined {
 function removeSink(sink: Sink): void {
   sinks.delete(sink.id);
   if (sinksBy4.get(sink.source4) === sink) sinksBy4.delete(sink.source4);
-  if (sink.source6 !== null && sinksBy6.get(Buffer.from(sink.source6).toString('hex')) === sink) sinksBy6.delete(Buffer.from(sink.source6).toString('hex'));
+  const key6 = sink.source6 === null ? null : Buffer.from(sink.source6).toString('hex');
+  if (key6 !== null && sinksBy6.get(key6) === sink) sinksBy6.delete(key6);
   for (const [index, k] of keys) if (k.sink === sink) keys.delete(index);
   libc().close(sink.io.fd);
 }
 
-function apply(cmd: RxCommand): void {
+function apply(cmd: PacketCommand): void {
   switch (cmd.op) {
     case 'sink': {
       const sink: Sink = {
@@ -218,7 +222,7 @@ function drainPort(): void {
   for (;;) {
     const m = receiveMessageOnPort(port);
     if (m === undefined) return;
-    apply(m.message as RxCommand);
+    apply(m.message as PacketCommand);
   }
 }
 

@@ -1,15 +1,16 @@
 /**
- * The main thread's handle on a datagram endpoint's receive thread
- * (rx-worker.ts says what the thread does and why).
+ * The main thread's handle on a datagram endpoint's packet thread
+ * (packet-worker.ts says what the thread does and why).
  *
  * Life: start() spawns the thread; the endpoint goes on reading on the event
  * loop until the thread reports that it reads (so nothing waits on a thread
- * still loading), then hands receiving over. Sinks (TUN fds, one per
- * session) and keys are handed over with addSink/handOver; every fd the
- * thread uses is a dup it closes itself, so no fd number it holds is ever
- * reused under it. close() stops the thread; if it ends on its own (a failed
- * start or a syscall error), the endpoint reads on the event loop again and
- * onEnded says why, so the sessions that relied on it can end.
+ * still loading), then hands receiving over, and takes it back for bursts
+ * ('udp-busy', mainReads). Sinks (TUN fds, one per session), keys and the
+ * TUN's reading (borrowReader) are handed over here; every fd the thread
+ * uses is a dup it closes itself, so no fd number it holds is ever reused
+ * under it. close() stops the thread and gives everything back; if it ends
+ * on its own (a failed start or a syscall error), the same happens and
+ * handlers.ended says why.
  */
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { F_DUPFD_CLOEXEC, libc } from '../tun/libc.ts';
@@ -18,7 +19,7 @@ import { startTsWorker } from '../tun/ts-worker.ts';
 import { PUMP_HAND_BACK_BELOW, PUMP_HAND_BACK_MS } from '../tun/pump-protocol.ts';
 import type { DatagramEndpoint, TunReaderHooks, TunReaderLoan } from '../types.ts';
 import type { PacketSink } from '../session.ts';
-import { CTRL_OPENED, CTRL_POSTED, CTRL_RECEIVED, CTRL_SLOTS, STAT_SLOTS, type RxCommand, type RxEvent, type RxWorkerData, type ThreadAeadRef } from './rx-protocol.ts';
+import { CTRL_OPENED, CTRL_POSTED, CTRL_RECEIVED, CTRL_SLOTS, STAT_SLOTS, type PacketCommand, type PacketEvent, type PacketWorkerData, type ThreadAeadRef } from './packet-protocol.ts';
 
 /**
  * After a burst, main reads the socket until a window of QUIET_MS brings
@@ -28,7 +29,7 @@ import { CTRL_OPENED, CTRL_POSTED, CTRL_RECEIVED, CTRL_SLOTS, STAT_SLOTS, type R
 const QUIET_MS = PUMP_HAND_BACK_MS;
 const QUIET_BELOW = PUMP_HAND_BACK_BELOW;
 
-export interface RxThreadHandlers {
+export interface PacketThreadHandlers {
   /** A datagram the thread did not open: handle it as if the endpoint had delivered it. */
   raw(data: Buffer, from: string): void;
   /** A record the thread authenticated and accepted under the keys of `index`; not to be checked again. */
@@ -39,13 +40,13 @@ export interface RxThreadHandlers {
   ended(reason: string): void;
 }
 
-/** A sink as the thread knows it, with the counters it adds to (STAT_* in rx-protocol.ts). */
-export interface RxSink {
+/** A sink as the thread knows it, with the counters it adds to (STAT_* in packet-protocol.ts). */
+export interface ThreadSink {
   readonly id: number;
   readonly stats: Int32Array;
 }
 
-export class RxThread {
+export class PacketThread {
   private readonly port: MessagePort;
   private readonly wakeFd: number;
   private readonly ctrl: Int32Array;
@@ -63,7 +64,7 @@ export class RxThread {
     private readonly endpoint: DatagramEndpoint,
     udpFd: number,
     aead: ThreadAeadRef,
-    private readonly handlers: RxThreadHandlers,
+    private readonly handlers: PacketThreadHandlers,
   ) {
     const c = libc();
     this.wakeFd = createWakeFd();
@@ -76,30 +77,30 @@ export class RxThread {
     this.ctrl = new Int32Array(ctrlSab);
     const { port1, port2 } = new MessageChannel();
     this.port = port1;
-    const data: RxWorkerData & { port: MessagePort } = { udpFd: dup, wakeFd: this.wakeFd, aead, ctrl: ctrlSab, port: port2 };
-    const worker = startTsWorker(new URL('./rx-worker.ts', import.meta.url), { workerData: data, transferList: [port2], name: 'udp-rx' });
-    worker.on('message', (event: RxEvent) => this.onEvent(event));
+    const data: PacketWorkerData & { port: MessagePort } = { udpFd: dup, wakeFd: this.wakeFd, aead, ctrl: ctrlSab, port: port2 };
+    const worker = startTsWorker(new URL('./packet-worker.ts', import.meta.url), { workerData: data, transferList: [port2], name: 'udp-packets' });
+    worker.on('message', (event: PacketEvent) => this.onEvent(event));
     worker.on('error', (err) => this.onEnd(err.message));
     worker.once('exit', () => {
-      this.onEnd('the receive thread exited');
+      this.onEnd('the packet thread exited');
       libc().close(this.wakeFd);
     });
     worker.unref();
   }
 
   /**
-   * A receive thread for `endpoint`, or undefined when the endpoint cannot
+   * A packet thread for `endpoint`, or undefined when the endpoint cannot
    * hand receiving over (see DatagramEndpoint.handOffReceive) or the thread
    * cannot be made here.
    */
-  static start(endpoint: DatagramEndpoint, aead: ThreadAeadRef, handlers: RxThreadHandlers): RxThread | undefined {
+  static start(endpoint: DatagramEndpoint, aead: ThreadAeadRef, handlers: PacketThreadHandlers): PacketThread | undefined {
     if (typeof endpoint.handOffReceive !== 'function') return undefined;
     // Asked now only to learn the fd and whether it can be done at all; reading resumes until the thread runs.
     const probe = endpoint.handOffReceive();
     if (probe === undefined) return undefined;
     probe.resume();
     try {
-      return new RxThread(endpoint, probe.fd, aead, handlers);
+      return new PacketThread(endpoint, probe.fd, aead, handlers);
     } catch {
       return undefined;
     }
@@ -119,7 +120,7 @@ export class RxThread {
    * which come from `recvFrom` (null: anywhere) and go to `sendTo`. Throws
    * if the fd cannot be duplicated.
    */
-  addSink(sink: PacketSink, source4: number, source6: Uint8Array | null, recvFrom: string | null, sendTo: string): RxSink {
+  addSink(sink: PacketSink, source4: number, source6: Uint8Array | null, recvFrom: string | null, sendTo: string): ThreadSink {
     const c = libc();
     const fd = c.fcntlInt(sink.fd, F_DUPFD_CLOEXEC, 0);
     if (fd < 0) throw new Error(`dup of the TUN fd failed: ${c.errnoName(c.errno())}`);
@@ -133,7 +134,7 @@ export class RxThread {
     this.send({ op: 'unsink', id });
   }
 
-  handOver(cmd: Extract<RxCommand, { op: 'keys' }>): void {
+  handOver(cmd: Extract<PacketCommand, { op: 'keys' }>): void {
     this.send(cmd);
   }
 
@@ -191,14 +192,14 @@ export class RxThread {
     this.giveBack();
   }
 
-  private send(cmd: RxCommand): void {
+  private send(cmd: PacketCommand): void {
     if (this.state === 'ended') return;
     this.port.postMessage(cmd);
     Atomics.add(this.ctrl, CTRL_POSTED, 1);
     wake(this.wakeFd);
   }
 
-  private onEvent(event: RxEvent): void {
+  private onEvent(event: PacketEvent): void {
     switch (event.t) {
       case 'ready':
         if (this.state !== 'starting') return;
@@ -218,7 +219,7 @@ export class RxThread {
         this.handlers.tunPacket(event.sink, Buffer.from(event.packet.buffer, event.packet.byteOffset, event.packet.length));
         return;
       case 'ended':
-        this.onEnd(event.error ?? 'the receive thread stopped');
+        this.onEnd(event.error ?? 'the packet thread stopped');
         return;
     }
   }

@@ -1,5 +1,5 @@
 /**
- * What the main thread (rx-thread.ts) and the receive thread (rx-worker.ts)
+ * What the main thread (packet-thread.ts) and the packet thread (packet-worker.ts)
  * say to each other. Main -> thread messages go through a MessagePort that
  * the thread reads with receiveMessageOnPort after an eventfd wake (it never
  * runs an event loop); thread -> main messages arrive as 'message' events.
@@ -11,7 +11,7 @@ export interface ThreadAeadRef {
   export: string;
 }
 
-export interface RxWorkerData {
+export interface PacketWorkerData {
   /** A dup of the UDP socket's fd; the thread closes it when it ends. */
   udpFd: number;
   /** eventfd main writes after posting a message. Main closes it after the thread has ended. */
@@ -44,7 +44,7 @@ export const STAT_SENT_BYTES = 5;
 export const STAT_SLOTS = 6;
 
 /** Main -> thread. */
-export type RxCommand =
+export type PacketCommand =
   | {
       op: 'sink';
       id: number;
@@ -108,7 +108,7 @@ export type RxCommand =
  * from the TUN but cannot send itself (no session for its destination):
  * main handles it as if the device had read it.
  */
-export type RxEvent =
+export type PacketEvent =
   | { t: 'ready' }
   /** Datagrams come in bursts: the thread stopped reading the socket; main reads it (its own batched path). */
   | { t: 'udp-busy' }
