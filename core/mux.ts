@@ -1823,9 +1823,8 @@ function slabCommit(end: number): void {
 /**
  * Whether buf[start, end) is one or more PACKET frames and nothing else,
  * each of 1..maxPacket bytes, and `accept(at, length)` (if given) takes the
- * body of each. Stops at the first that is not. For a thread that writes
- * packets without a Mux (core/datapath/packet-worker.ts) and for the session
- * that must recognize the records such a thread handles.
+ * body of each. Stops at the first that is not. For the thread that writes
+ * packets into the TUN without a Mux (core/datapath/packet-worker.ts).
  */
 export function isPacketsOnly(buf: Buffer, start: number, end: number, maxPacket: number, accept?: (at: number, length: number) => boolean): boolean {
   if (start >= end) return false;

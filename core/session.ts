@@ -99,14 +99,14 @@ export interface Session {
   /** Drop the link at once; handlers.close(err) is called synchronously. */
   destroy(err?: Error): void;
   /**
-   * Optional (datagram sessions whose endpoint and cipher allow a receive
-   * thread, core/datapath/): from now on, records that carry only PACKET
-   * frames from `sink`'s allowed source may be opened on that thread and
-   * written straight into `sink.fd` (a TUN fd; the thread writes to a dup),
-   * without reaching handlers.message. Everything else is delivered as
-   * before. Returns the function that stops it (the dup is closed soon
-   * after; packets under keys the thread held are dropped until the next
-   * rekey, so call it only when the TUN goes away), or undefined when the
+   * Optional (datagram sessions whose endpoint and cipher allow a packet
+   * thread, core/datapath/): from now on, lone packets may take that thread
+   * both ways. Records that carry only PACKET frames from `sink`'s allowed
+   * source may be opened there and written straight into `sink.fd` (a TUN
+   * fd; the thread writes to a dup) without reaching handlers.message, and
+   * packets it reads from the TUN (when the sink lends their reading) are
+   * sealed and sent under this session's keys. Everything else goes as
+   * before. Returns the function that stops it, or undefined when the
    * session cannot. Call at most once; it also ends with the session.
    */
   offloadPackets?(sink: PacketSink): (() => void) | undefined;
