@@ -246,7 +246,7 @@ class PacketThreadSlot {
     private readonly log: Logger,
   ) {}
 
-  /** The thread for `session`, started on first use with the cipher's thread AEAD; null where it cannot run. */
+  /** The thread, started on first use with the cipher's thread AEAD; null where it cannot run. */
   acquire(aead: ThreadAeadRef): PacketThread | null {
     if (this.thread === undefined) {
       this.thread =

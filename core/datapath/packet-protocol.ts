@@ -37,11 +37,10 @@ export const CTRL_SLOTS = 3;
 export const STAT_RECORDS = 0;
 export const STAT_DATA_RECORDS = 1;
 export const STAT_BYTES = 2;
-export const STAT_PACKETS = 3;
-/** Records the thread sealed and sent itself (packets it read back from the TUN), and their bytes. */
-export const STAT_SENT_RECORDS = 4;
-export const STAT_SENT_BYTES = 5;
-export const STAT_SLOTS = 6;
+/** Records the thread sealed and sent itself (packets it read from the TUN), and their bytes. */
+export const STAT_SENT_RECORDS = 3;
+export const STAT_SENT_BYTES = 4;
+export const STAT_SLOTS = 5;
 
 /** Main -> thread. */
 export type PacketCommand =

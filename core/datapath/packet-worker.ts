@@ -59,7 +59,6 @@ import {
   CTRL_RECEIVED,
   STAT_BYTES,
   STAT_DATA_RECORDS,
-  STAT_PACKETS,
   STAT_RECORDS,
   STAT_SENT_BYTES,
   STAT_SENT_RECORDS,
@@ -251,6 +250,12 @@ function route(p: Buffer, at: number, len: number): Sink | undefined {
   return undefined;
 }
 
+/** Pass a datagram the thread does not open to main (in memory of its own, moved, not cloned again). */
+function postRaw(buf: Buffer, n: number, from: string): void {
+  const data = copyOf(buf.subarray(0, n));
+  post({ t: 'raw', data, from }, [data.buffer as ArrayBuffer]);
+}
+
 function copyOf(bytes: Uint8Array): Uint8Array {
   const copy = new Uint8Array(bytes.length);
   copy.set(bytes);
@@ -322,13 +327,16 @@ class PacketPath {
     const to = route(tx, PACKET_OFFSET, n);
     if (to === undefined || to.send === null || to.sendTo === undefined || n > to.maxPacket || !this.seal(to, to.send, n)) {
       const sink = to ?? sinks.values().next().value;
-      if (sink !== undefined) post({ t: 'tun', sink: sink.id, packet: copyOf(tx.subarray(PACKET_OFFSET, PACKET_OFFSET + n)) });
+      if (sink !== undefined) {
+        const packet = copyOf(tx.subarray(PACKET_OFFSET, PACKET_OFFSET + n));
+        post({ t: 'tun', sink: sink.id, packet }, [packet.buffer as ArrayBuffer]);
+      }
     }
   }
 
   private datagram(buf: Buffer, n: number, from: string): void {
     if (n < DATA_HEADER + TAG_LENGTH || buf[0] !== MSG_DATA) {
-      post({ t: 'raw', data: copyOf(buf.subarray(0, n)), from });
+      postRaw(buf, n, from);
       return;
     }
     const index = buf.readUInt32LE(1);
@@ -338,7 +346,7 @@ class PacketPath {
       drainPort();
       k = keys.get(index);
       if (k === undefined) {
-        post({ t: 'raw', data: copyOf(buf.subarray(0, n)), from });
+        postRaw(buf, n, from);
         return;
       }
     }
@@ -370,7 +378,7 @@ class PacketPath {
     for (let at = DATA_HEADER + 1; at < end; ) {
       const len = buf.readUInt16BE(at + 5);
       const body = at + FRAME_HEADER;
-      if (sink.io.write(buf.subarray(body, body + len))) Atomics.add(stats, STAT_PACKETS, 1);
+      sink.io.write(buf.subarray(body, body + len)); // a packet the kernel refuses is dropped, as a NIC would
       at = body + len;
     }
     this.wroteToTun = true;
