@@ -10,7 +10,8 @@
  * the thread reads from the "TUN" reach the peer sealed under the session's
  * keys, interleaved with the main thread's own records (one shared counter:
  * none is refused as a replay); a packet the thread cannot send goes to
- * readBack; the reading lent to the thread is given back when it stops.
+ * readBack; the reading lent to the thread is given back when it stops; a
+ * thread whose AEAD does not open what it seals takes no traffic.
  */
 import { createRequire } from 'node:module';
 import { test } from 'uvu';
@@ -21,7 +22,7 @@ import { acceptDatagramSessions, connectDatagramSession } from '../core/session-
 import { CTRL_SLOTS, READER_MAIN, CTRL_READER } from '../core/tun/pump-protocol.ts';
 import { createWakeFd } from '../core/tun/queue-io.ts';
 import { libc } from '../core/tun/libc.ts';
-import type { AuthPlugin, CipherPlugin, DatagramTransportPlugin, TunReaderHooks } from '../core/types.ts';
+import type { AuthPlugin, CipherPlugin, DatagramTransportPlugin, Logger, TunReaderHooks } from '../core/types.ts';
 import { generateKeyPair } from '../core/x25519.ts';
 import chachaDef from '../plugins/cipher-chacha20-poly1305.ts';
 import aesDef from '../plugins/cipher-aes-256-gcm.ts';
@@ -84,7 +85,7 @@ interface Pair {
   close(): Promise<void>;
 }
 
-async function sessionPair(cipher: CipherPlugin): Promise<Pair> {
+async function sessionPair(cipher: CipherPlugin, log: Logger = silentLogger()): Promise<Pair> {
   const udp = udpDef.create({ mtu: 1420, recvBufferSize: 1 << 20, sendBufferSize: 1 << 20, sendQueue: 1024 }, testContext()) as DatagramTransportPlugin;
   const serverKeys = generateKeyPair();
   const clientKeys = generateKeyPair();
@@ -93,7 +94,6 @@ async function sessionPair(cipher: CipherPlugin): Promise<Pair> {
     authorize: (key) => (key.equals(clientKeys.publicKey) ? { name: 'alice', publicKey: key.toString('base64') } : null),
     psk: () => undefined,
   };
-  const log = silentLogger();
   let gotServer!: (s: Session) => void;
   const serverSession = new Promise<Session>((r) => (gotServer = r));
   const acceptor = acceptDatagramSessions(await udp.bind('127.0.0.1:0'), {
@@ -161,7 +161,9 @@ for (const [name, def] of [
         },
       });
       assert.type(stop, 'function', 'the session offloads');
-      assert.ok(lentTo, 'and borrows the reading');
+      assert.is(lentTo, undefined, 'the reading is not borrowed before the thread runs');
+      // The device goes on reading until the thread runs; then the thread borrows the reading.
+      await until('the reading borrowed once the thread runs', () => lentTo !== undefined, 10_000);
 
       // Server -> client: a PACKET record goes into the "TUN", not to handlers.message.
       const inbound = ipv4('203.0.113.5', '10.66.0.2', Buffer.from('to the client'));
@@ -250,6 +252,44 @@ test('a packet the thread reads but cannot route goes to readBack', async () => 
   } finally {
     await pair.close();
     await until('the reading given back', () => givenBack, 3000);
+    libc().close(testFd);
+    libc().close(tunFd);
+    libc().close(pumpWakeFd);
+  }
+});
+
+test("a thread whose AEAD does not open what it seals takes no traffic: the session's packets stay on the main thread", async () => {
+  const real = chachaDef.create({}, undefined as never) as CipherPlugin;
+  const cipher: CipherPlugin = { ...real, thread: { module: new URL('./fixtures/broken-aead.ts', import.meta.url).href, export: 'brokenAead' } };
+  const warnings: string[] = [];
+  const log: Logger = { ...silentLogger(), warn: (msg) => warnings.push(msg), child: () => log };
+  const pair = await sessionPair(cipher, log);
+  const [tunFd, testFd] = socketpair();
+  const ctrl = new SharedArrayBuffer(CTRL_SLOTS * 4);
+  Atomics.store(new Int32Array(ctrl), CTRL_READER, READER_MAIN);
+  const pumpWakeFd = createWakeFd();
+  let lent = false;
+  try {
+    const stop = pair.client.offloadPackets?.({
+      fd: tunFd,
+      maxPacket: 1420,
+      lendReader: () => {
+        lent = true;
+        return { fd: tunFd, ctrl, pumpWakeFd, giveBack() {} };
+      },
+    });
+    assert.type(stop, 'function', 'the session offloads (the thread checks its AEAD once it runs)');
+    await until('the thread to stop on its check', () => warnings.some((w) => w.includes('does not open what it seals')), 10_000);
+    assert.not.ok(lent, 'the TUN reading was never lent to it');
+    const inbound = ipv4('203.0.113.5', '10.66.0.2', Buffer.from('to the client'));
+    const frame = encodeFrame(FrameType.PACKET, 0, inbound);
+    for (let i = 0; i < 5; i++) {
+      pair.server.send(frame);
+      await until(`packet ${i} on the main thread`, () => pair.toClient.filter((m) => m.equals(frame)).length === i + 1);
+    }
+    assert.is(libc().read(testFd, Buffer.alloc(2048), 2048), -1, 'nothing was written into the "TUN"');
+  } finally {
+    await pair.close();
     libc().close(testFd);
     libc().close(tunFd);
     libc().close(pumpWakeFd);

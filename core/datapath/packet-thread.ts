@@ -56,6 +56,8 @@ export class PacketThread {
   private stopRequested = false;
   /** The TUN reading lent to the thread (borrowReader), given back when it stops. */
   private loan: TunReaderLoan | undefined;
+  /** A borrowReader before the thread was ready: the device keeps reading on the main thread until it is. */
+  private lendWhenReady: ((hooks: TunReaderHooks) => TunReaderLoan | undefined) | undefined;
   /** While main reads the socket (after 'udp-busy'): datagrams in the current window, and the timer that looks. */
   private mainDatagrams = 0;
   private quietTimer: NodeJS.Timeout | undefined;
@@ -150,6 +152,10 @@ export class PacketThread {
    */
   borrowReader(lend: (hooks: TunReaderHooks) => TunReaderLoan | undefined): void {
     if (this.loan !== undefined || this.state === 'ended' || this.stopRequested) return;
+    if (this.state === 'starting') {
+      this.lendWhenReady = lend;
+      return;
+    }
     let loan: TunReaderLoan | undefined;
     const hooks: TunReaderHooks = {
       wake: () => {
@@ -205,6 +211,11 @@ export class PacketThread {
         if (this.state !== 'starting') return;
         this.state = 'running';
         if (!this.stopRequested) this.resume = this.endpoint.handOffReceive?.()?.resume;
+        if (this.lendWhenReady !== undefined) {
+          const lend = this.lendWhenReady;
+          this.lendWhenReady = undefined;
+          this.borrowReader(lend);
+        }
         return;
       case 'udp-busy':
         this.mainReads();
@@ -227,6 +238,7 @@ export class PacketThread {
   private onEnd(reason: string): void {
     if (this.state === 'ended') return;
     this.state = 'ended';
+    this.lendWhenReady = undefined;
     this.giveBack();
     this.port.close();
     if (!this.stopRequested) this.handlers.ended(reason);
