@@ -147,8 +147,10 @@ export class PacketThread {
 
   /**
    * Let the thread read the TUN's lone packets in the main thread's place,
-   * if the device lends that (see TunReaderLoan); once per thread. The
-   * reading is given back when the thread stops.
+   * if the device lends that (see TunReaderLoan); once per thread. Asked
+   * before the thread is ready, it borrows once it is: the device reads on
+   * the main thread until then. The reading is given back when the thread
+   * stops.
    */
   borrowReader(lend: (hooks: TunReaderHooks) => TunReaderLoan | undefined): void {
     if (this.loan !== undefined || this.state === 'ended' || this.stopRequested) return;

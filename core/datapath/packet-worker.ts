@@ -38,6 +38,11 @@
  * does not check it again. Nonces stay unique: the sending counter is one
  * shared BigInt64 that both threads advance with Atomics.add.
  *
+ * Before it says 'ready' (and main hands it the socket and the TUN), the
+ * thread seals and opens packets of its own (PacketPath.warmUp), so V8 has
+ * optimized that code before the first real packet, and a thread whose
+ * AEAD does not open what it seals never takes traffic.
+ *
  * workerData: PacketWorkerData. Commands: PacketCommand (packet-protocol.ts).
  */
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
