@@ -444,10 +444,11 @@ class PacketPath {
    * otherwise runs a session's first thousands of packets in V8's lower
    * tiers: after 3,000 pings the same thread answered 0.08 ms a ping and
    * 0.25 ms a request faster than when new; this takes 0.04-0.06 ms a ping
-   * and 0.01-0.14 ms a request of that back at the start (the rest is the
-   * reading and writing, which needs real fds). It is also a check that this
-   * thread's AEAD opens what it seals: throws if not, and the sessions go on
-   * without the thread.
+   * and 0.01-0.14 ms a request of that back in a session's first seconds
+   * (the rest is the reading and writing, which needs real fds; after a
+   * few seconds of bulk traffic the thread is as fast either way). It is
+   * also a check that this thread's AEAD opens what it seals: throws if
+   * not, and the sessions go on without the thread.
    */
   warmUp(rounds: number, ms: number): void {
     const send: SendState = { key: randomBytes(32), remoteIndex: 0x7eadbeef, counter: new BigInt64Array(new SharedArrayBuffer(8)) };
