@@ -274,8 +274,9 @@ class PacketPath {
   private readonly tx = Buffer.allocUnsafe(65536);
   /** A packet went into a TUN since the last look: its answer may be queued there already. */
   wroteToTun = false;
-  /** When the last datagram (LAST_DATAGRAM) and the last TUN packet (LAST_TUN_READ) were read. */
-  private readonly lastRead = [-Infinity, -Infinity];
+  /** When the last datagram and the last TUN packet were read (performance.now()). */
+  private lastDatagramAt = -Infinity;
+  private lastTunReadAt = -Infinity;
 
   constructor(
     private readonly aead: InPlaceAead,
@@ -298,7 +299,9 @@ class PacketPath {
         post({ t: 'udp-busy' });
         return got + 1;
       }
-      if (this.alone(now, LAST_DATAGRAM)) return got + 1;
+      const before = this.lastDatagramAt;
+      this.lastDatagramAt = now;
+      if (cameAlone(now, before)) return got + 1;
     }
     return got;
   }
@@ -329,22 +332,11 @@ class PacketPath {
         wake(r.pumpWakeFd);
         return got + 1;
       }
-      if (this.alone(now, LAST_TUN_READ)) return got + 1;
+      const before = this.lastTunReadAt;
+      this.lastTunReadAt = now;
+      if (cameAlone(now, before)) return got + 1;
     }
     return got;
-  }
-
-  /**
-   * Whether what was just read at `now` came alone: more than a millisecond
-   * after the one before. Then poll(2) tells whether another follows, in
-   * place of a read that would most likely find nothing: one syscall fewer
-   * per lone packet, and the thread blocks sooner, which lets the thread it
-   * just woke (the next hop, often on this CPU) run sooner.
-   */
-  private alone(now: number, which: number): boolean {
-    const before = this.lastRead[which]!;
-    this.lastRead[which] = now;
-    return now - before >= 1;
   }
 
   /** The packet of `n` bytes at PACKET_OFFSET of tx: sealed and sent, or to main when no session of ours takes it. */
@@ -512,9 +504,16 @@ const OPENED_PACKETS = 2;
 /** Opened and accepted, but main decides what it is (see datagram()). */
 const OPENED_FOR_MAIN = 3;
 
-/** Indices into PacketPath.lastRead. */
-const LAST_DATAGRAM = 0;
-const LAST_TUN_READ = 1;
+/**
+ * Whether a read at `now` came alone: more than a millisecond after the one
+ * before. Then poll(2) tells whether another follows, in place of a read
+ * that would most likely find nothing: one syscall fewer per lone packet,
+ * and the thread blocks sooner, which lets the thread it just woke (the
+ * next hop, often on this CPU) run sooner.
+ */
+function cameAlone(now: number, before: number): boolean {
+  return now - before >= 1;
+}
 
 /** Rounds and time bound of PacketPath.warmUp at the thread's start. */
 const WARM_UP_ROUNDS = 3000;
