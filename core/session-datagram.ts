@@ -290,7 +290,7 @@ class PacketThreadSlot {
 
   /** Stop the thread (the endpoint is closing). */
   close(): void {
-    if (this.thread) this.log.debug('udp packet thread stopped', this.thread.counts);
+    if (this.thread) this.log.debug('udp packet thread stopped', { ...this.thread.counts, warmUp: this.thread.warmUp });
     this.thread?.close();
     this.thread = null;
     this.users.clear();

@@ -168,37 +168,52 @@ export function openUdpIo(socket: dgram.Socket): UdpIo | undefined {
  */
 export function udpIoOnFd(fd: number): UdpIo | undefined {
   const c = bindCalls();
-  if (c === null) return undefined;
-  const { sendto, recvfrom, errno, names } = c;
-  const sockaddr = Buffer.alloc(SOCKADDR_IN_SIZE);
-  const sockaddrLength = new Uint32Array(1);
-  const texts = new Map<number, string>();
-  let from = '';
-  return {
-    send(datagram, to) {
-      return sendto(fd, datagram, datagram.length, MSG_DONTWAIT, to, to.length) < 0 ? errno() : 0;
-    },
-    receive(buf) {
-      sockaddrLength[0] = SOCKADDR_IN_SIZE;
-      const n = recvfrom(fd, buf, buf.length, MSG_DONTWAIT, sockaddr, sockaddrLength);
-      if (n < 0) return -1;
-      // One number per sender (address and port) finds its text without building a string.
-      const key = sockaddr.readUInt32BE(4) * 65536 + sockaddr.readUInt16BE(2);
-      let text = texts.get(key);
-      if (text === undefined) {
-        text = `${sockaddr[4]}.${sockaddr[5]}.${sockaddr[6]}.${sockaddr[7]}:${sockaddr.readUInt16BE(2)}`;
-        if (texts.size >= ADDRESS_TEXT_LIMIT) texts.clear();
-        texts.set(key, text);
-      }
-      from = text;
-      return n;
-    },
-    get from() {
-      return from;
-    },
-    error(code) {
-      const name = names.get(code) ?? `errno ${code}`;
-      return Object.assign(new Error(`sendto failed: ${name}`), { code: name, errno: -code, syscall: 'sendto' });
-    },
-  };
+  return c === null ? undefined : new FdUdpIo(fd, c);
+}
+
+/**
+ * A class, not an object of closures: every instance shares its methods, so
+ * code V8 optimized on one socket (a packet thread warms its path up on a
+ * socket of its own) stays valid on the next.
+ */
+class FdUdpIo implements UdpIo {
+  private readonly sockaddr = Buffer.alloc(SOCKADDR_IN_SIZE);
+  private readonly sockaddrLength = new Uint32Array(1);
+  private readonly texts = new Map<number, string>();
+  private last = '';
+
+  constructor(
+    private readonly fd: number,
+    private readonly c: Calls,
+  ) {}
+
+  send(datagram: Uint8Array, to: Uint8Array): number {
+    return this.c.sendto(this.fd, datagram, datagram.length, MSG_DONTWAIT, to, to.length) < 0 ? this.c.errno() : 0;
+  }
+
+  receive(buf: Uint8Array): number {
+    const sockaddr = this.sockaddr;
+    this.sockaddrLength[0] = SOCKADDR_IN_SIZE;
+    const n = this.c.recvfrom(this.fd, buf, buf.length, MSG_DONTWAIT, sockaddr, this.sockaddrLength);
+    if (n < 0) return -1;
+    // One number per sender (address and port) finds its text without building a string.
+    const key = sockaddr.readUInt32BE(4) * 65536 + sockaddr.readUInt16BE(2);
+    let text = this.texts.get(key);
+    if (text === undefined) {
+      text = `${sockaddr[4]}.${sockaddr[5]}.${sockaddr[6]}.${sockaddr[7]}:${sockaddr.readUInt16BE(2)}`;
+      if (this.texts.size >= ADDRESS_TEXT_LIMIT) this.texts.clear();
+      this.texts.set(key, text);
+    }
+    this.last = text;
+    return n;
+  }
+
+  get from(): string {
+    return this.last;
+  }
+
+  error(code: number): NodeJS.ErrnoException {
+    const name = this.c.names.get(code) ?? `errno ${code}`;
+    return Object.assign(new Error(`sendto failed: ${name}`), { code: name, errno: -code, syscall: 'sendto' });
+  }
 }

@@ -13,7 +13,6 @@
  * readBack; the reading lent to the thread is given back when it stops; a
  * thread whose AEAD does not open what it seals takes no traffic.
  */
-import { createRequire } from 'node:module';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { encodeFrame, FrameType } from '../core/mux.ts';
@@ -21,7 +20,7 @@ import { ReplayGuard, type Session } from '../core/session.ts';
 import { acceptDatagramSessions, connectDatagramSession } from '../core/session-datagram.ts';
 import { CTRL_SLOTS, READER_MAIN, CTRL_READER } from '../core/tun/pump-protocol.ts';
 import { createWakeFd } from '../core/tun/queue-io.ts';
-import { libc } from '../core/tun/libc.ts';
+import { AF_UNIX, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, libc } from '../core/tun/libc.ts';
 import type { AuthPlugin, CipherPlugin, DatagramTransportPlugin, Logger, TunReaderHooks } from '../core/types.ts';
 import { generateKeyPair } from '../core/x25519.ts';
 import chachaDef from '../plugins/cipher-chacha20-poly1305.ts';
@@ -30,17 +29,10 @@ import udpDef from '../plugins/transport-udp.ts';
 import { silentLogger, testContext } from './helpers/context.ts';
 import { withTimeout } from './helpers/timeout.ts';
 
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
-const SOCK_NONBLOCK = 0o4000;
-const SOCK_CLOEXEC = 0o2000000;
-
 /** A non-blocking datagram socketpair: [the thread's "TUN" fd, the test's end]. */
 function socketpair(): [number, number] {
-  const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
-  const call = koffi.load('libc.so.6').func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)');
-  const sv = [0, 0];
-  if (call(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) !== 0) throw new Error('socketpair failed');
+  const sv = new Int32Array(2);
+  if (libc().socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) !== 0) throw new Error('socketpair failed');
   return [sv[0]!, sv[1]!];
 }
 
@@ -142,7 +134,9 @@ for (const [name, def] of [
   test(`${name}: packets take the packet thread both ways; everything else takes the main thread`, async () => {
     const cipher = def.create({}, undefined as never) as CipherPlugin;
     assert.ok(cipher.thread, 'the built-in cipher says how a thread makes it');
-    const pair = await sessionPair(cipher);
+    const stopped: Array<Record<string, unknown> | undefined> = [];
+    const log: Logger = { ...silentLogger(), debug: (msg, fields) => void (msg === 'udp packet thread stopped' && stopped.push(fields)), child: () => log };
+    const pair = await sessionPair(cipher, log);
     const [tunFd, testFd] = socketpair();
     const ctrl = new SharedArrayBuffer(CTRL_SLOTS * 4);
     Atomics.store(new Int32Array(ctrl), CTRL_READER, READER_MAIN);
@@ -176,11 +170,12 @@ for (const [name, def] of [
       }
       assert.ok(written, 'a packet reached the "TUN" from the thread');
       assert.equal(written, inbound);
-      // One at a time, as a ping's: a burst would go to the main thread's batched path.
+      // One at a time, as a ping's: a burst (16 in a millisecond) would go to the main thread's batched path.
       const messagesBefore = pair.toClient.length;
       for (let i = 0; i < 20; i++) {
         pair.server.send(encodeFrame(FrameType.PACKET, 0, inbound));
         assert.equal(await readPacket(testFd, 2000), inbound, `packet ${i}`);
+        await new Promise((r) => setTimeout(r, 2));
       }
       assert.is(pair.toClient.length, messagesBefore, 'none of them reached handlers.message');
 
@@ -218,6 +213,13 @@ for (const [name, def] of [
     }
     // Revoked before: nothing to give back then. The session's end stops the thread either way.
     assert.not.ok(givenBack, 'a revoked loan is not given back');
+    // Before it took traffic, the thread sent lone packets of its own through its whole path, on
+    // loopback and a socketpair of its own; the counters main reads count only the session's records.
+    assert.is(stopped.length, 1, 'the thread stopped once');
+    const { warmUp, received, opened } = stopped[0] as { warmUp: { rounds: number; ms: number }; received: number; opened: number };
+    assert.ok(warmUp.rounds >= 100, `the warm-up went round its circuit (${warmUp.rounds} rounds in ${warmUp.ms.toFixed(0)} ms)`);
+    assert.ok(received >= 21 && received < 100, `received counts the session's datagrams only: ${received}`);
+    assert.ok(opened >= 21 && opened <= received, `opened counts the session's records only: ${opened}`);
   });
 }
 

@@ -108,7 +108,8 @@ export type PacketCommand =
  * main handles it as if the device had read it.
  */
 export type PacketEvent =
-  | { t: 'ready' }
+  /** warmUp: the lone packets the thread sent through its own path before (see warmUp in packet-worker.ts), and the milliseconds that took. */
+  | { t: 'ready'; warmUp: { rounds: number; ms: number } }
   /** Datagrams come in bursts: the thread stopped reading the socket; main reads it (its own batched path). */
   | { t: 'udp-busy' }
   | { t: 'raw'; data: Uint8Array; from: string }

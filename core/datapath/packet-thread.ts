@@ -61,6 +61,7 @@ export class PacketThread {
   /** While main reads the socket (after 'udp-busy'): datagrams in the current window, and the timer that looks. */
   private mainDatagrams = 0;
   private quietTimer: NodeJS.Timeout | undefined;
+  private warmedUp: { rounds: number; ms: number } | undefined;
 
   private constructor(
     private readonly endpoint: DatagramEndpoint,
@@ -111,6 +112,15 @@ export class PacketThread {
   /** Datagrams the thread has read, and records it opened and wrote itself (for tests and logs). */
   get counts(): { received: number; opened: number } {
     return { received: Atomics.load(this.ctrl, CTRL_RECEIVED), opened: Atomics.load(this.ctrl, CTRL_OPENED) };
+  }
+
+  /**
+   * The lone packets the thread sent through its own path before it took
+   * traffic, and the milliseconds that took (undefined until it is ready;
+   * 0 rounds where it could not: see warmUp in packet-worker.ts).
+   */
+  get warmUp(): { rounds: number; ms: number } | undefined {
+    return this.warmedUp;
   }
 
   get running(): boolean {
@@ -208,10 +218,13 @@ export class PacketThread {
   }
 
   private onEvent(event: PacketEvent): void {
+    // Before 'ready', packets come only from the thread's warm-up (its own sockets): nothing for main.
+    if (this.state === 'starting' && event.t !== 'ready' && event.t !== 'ended') return;
     switch (event.t) {
       case 'ready':
         if (this.state !== 'starting') return;
         this.state = 'running';
+        this.warmedUp = event.warmUp;
         if (!this.stopRequested) this.resume = this.endpoint.handOffReceive?.()?.resume;
         if (this.lendWhenReady !== undefined) {
           const lend = this.lendWhenReady;

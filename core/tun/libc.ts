@@ -1,7 +1,9 @@
 /**
  * The few libc calls TUN mode needs that Node does not offer: ioctl (to
  * create the device and set its MTU), poll, eventfd, fcntl (dup), and
- * read/write that report EAGAIN as a return value instead of a thrown Error.
+ * read/write that report EAGAIN as a return value instead of a thrown Error;
+ * and for a packet thread's warm-up, sockets of its own (socketpair, bind,
+ * getsockname).
  *
  * Loaded lazily through koffi (an FFI with prebuilt binaries), so proxy mode
  * and non-Linux systems never load it. Safe to call from any thread: each
@@ -25,6 +27,12 @@ export interface Libc {
   /** eventfd(2): a counter fd used to wake a thread blocked in poll. */
   eventfd(initval: number, flags: number): number;
   socket(domain: number, type: number, protocol: number): number;
+  /** socketpair(2): the two fds in `fds`; -1 with errno on failure. */
+  socketpair(domain: number, type: number, protocol: number, fds: Int32Array): number;
+  /** bind(2) to the address in `addr` (a struct sockaddr); -1 with errno on failure. */
+  bind(fd: number, addr: Uint8Array, addrlen: number): number;
+  /** getsockname(2) into `addr`; `addrlen[0]` is its size before and the address's length after. */
+  getsockname(fd: number, addr: Uint8Array, addrlen: Uint32Array): number;
   close(fd: number): number;
   /** fcntl(fd, cmd, arg) with an int argument (F_DUPFD_CLOEXEC); -1 with errno on failure. */
   fcntlInt(fd: number, cmd: number, arg: number): number;
@@ -53,8 +61,10 @@ export const POLLHUP = 0x010;
 export const POLLNVAL = 0x020;
 export const EFD_NONBLOCK = 0o4000;
 export const EFD_CLOEXEC = 0o2000000;
+export const AF_UNIX = 1;
 export const AF_INET = 2;
 export const SOCK_DGRAM = 2;
+export const SOCK_NONBLOCK = 0o4000;
 export const SOCK_CLOEXEC = 0o2000000;
 /** fcntl: duplicate to the lowest free fd >= arg, close-on-exec. */
 export const F_DUPFD_CLOEXEC = 1030;
@@ -94,6 +104,9 @@ export function libc(): Libc {
   const poll = lib.func('int poll(void *fds, unsigned long nfds, int timeout)');
   const eventfd = lib.func('int eventfd(unsigned int initval, int flags)');
   const socket = lib.func('int socket(int domain, int type, int protocol)');
+  const socketpair = lib.func('int socketpair(int domain, int type, int protocol, void *sv)');
+  const bind = lib.func('int bind(int fd, const void *addr, unsigned int addrlen)');
+  const getsockname = lib.func('int getsockname(int fd, void *addr, void *addrlen)');
   const close = lib.func('int close(int fd)');
   const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
   const names = errnoNames(koffi);
@@ -104,6 +117,9 @@ export function libc(): Libc {
     poll: (fds, nfds, timeoutMs) => poll(fds, nfds, timeoutMs) as number,
     eventfd: (initval, flags) => eventfd(initval, flags) as number,
     socket: (domain, type, protocol) => socket(domain, type, protocol) as number,
+    socketpair: (domain, type, protocol, fds) => socketpair(domain, type, protocol, fds) as number,
+    bind: (fd, addr, addrlen) => bind(fd, addr, addrlen) as number,
+    getsockname: (fd, addr, addrlen) => getsockname(fd, addr, addrlen) as number,
     close: (fd) => close(fd) as number,
     fcntlInt: (fd, cmd, arg) => fcntl(fd, cmd, 'int', arg) as number,
     errno: () => koffi.errno(),
