@@ -11,7 +11,9 @@
  * keys, interleaved with the main thread's own records (one shared counter:
  * none is refused as a replay); a packet the thread cannot send goes to
  * readBack; the reading lent to the thread is given back when it stops; a
- * thread whose AEAD does not open what it seals takes no traffic.
+ * thread whose AEAD does not open what it seals takes no traffic; before it
+ * takes any, the thread sends packets of its own through its path (its
+ * warm-up), and they show in no counter main reads.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
