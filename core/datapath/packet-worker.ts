@@ -434,7 +434,7 @@ class PacketPath {
     for (let at = DATA_HEADER + 1; at < end; ) {
       const len = buf.readUInt16BE(at + 5);
       const body = at + FRAME_HEADER;
-      const okw = sink.io.write(buf.subarray(body, body + len)); // a packet the kernel refuses is dropped, as a NIC would
+      sink.io.write(buf.subarray(body, body + len)); // a packet the kernel refuses is dropped, as a NIC would
       at = body + len;
     }
     this.wroteToTun = true;
@@ -511,9 +511,10 @@ function cameAlone(now: number, before: number): boolean {
   return now - before >= 1;
 }
 
-/** Lone packets and time bound of warmUp at the thread's start; packets sealed and opened in memory first. */
+/** Lone packets and time bound of warmUp at the thread's start. */
 const WARM_UP_ROUNDS = 3000;
 const WARM_UP_MS = 300;
+/** Packets sealed and opened in memory before it (PacketPath.opensWhatItSeals). */
 const AEAD_CHECK_ROUNDS = 8;
 /** How long a warm-up round waits for its packet at each step before it gives up. */
 const WARM_UP_WAIT_MS = 50;
