@@ -24,13 +24,21 @@
  * handlers.drain(). We hold that socket through public API: the HTTP server's
  * 'upgrade' event on the server side, the 'upgrade' response on the client.
  *
+ * Sending in place: the session seals each bulk record with `headroom`
+ * bytes free before it (8 on a client, 4 on a server), and sendInPlace
+ * writes the frame header there, masks the record in place and hands the
+ * socket one buffer: no copy. Through ws.send() (send, sendBatch: records
+ * the caller keeps) the header goes out as a buffer of its own, and a
+ * client's ws copies every masked frame into fresh memory first.
+ *
  * Client masking: RFC 6455 has the client XOR every frame with a random
- * 4-byte key (and the server XOR it back). ws does that in C with bufferutil,
- * its optional native addon (an optional dependency here, with prebuilt
- * binaries: no install script runs), and in plain JavaScript where that
- * cannot load, which costs ~5x throughput client -> server on loopback (~170
- * vs ~800 MB/s for 16 KiB records). With bufferutil a 512 MiB SOCKS5 upload
- * over ws measured 178-208 MB/s against 114-121 without, same sitting.
+ * 4-byte key (and the server XOR it back). Both ws and sendInPlace
+ * (core/ws-mask.ts) do that in C with bufferutil, ws's optional native addon
+ * (an optional dependency here, with prebuilt binaries: no install script
+ * runs), and in plain JavaScript where that cannot load, which costs ~5x
+ * throughput client -> server on loopback (~170 vs ~800 MB/s for 16 KiB
+ * records). With bufferutil a 512 MiB SOCKS5 upload over ws measured
+ * 178-208 MB/s against 114-121 without, same sitting.
  * The masking exists so a script cannot put chosen bytes on
  * the wire for a confused proxy cache; our payloads are ciphertext, so that
  * attack does not apply. Option `zeroMask: true` uses the all-zero key,
@@ -38,7 +46,7 @@
  * visible (a fingerprint) to anyone who can read plain ws:// traffic; under
  * wss:// (or TLS up to a proxy) nobody on the path sees it.
  *
- * A record larger than 65535 bytes is a caller's bug: send/sendBatch throw a
+ * A record larger than 65535 bytes is a caller's bug: send/sendInPlace/sendBatch throw a
  * RangeError (and send nothing). An incoming message larger than that makes ws
  * close the connection (1009); an incoming text message is dropped.
  */
@@ -54,6 +62,7 @@ import { abortError, describeDialError, describeListenError, errnoOf } from '../
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
+import { maskInPlace, writeMaskKey } from '../core/ws-mask.ts';
 
 const MAX_RECORD = 0xffff;
 /**
@@ -74,6 +83,10 @@ const MAX_PENDING_BYTES = 1024 * 1024;
  */
 const CLOSE_GRACE_MS = 30_000;
 const SEND_OPTIONS = { binary: true, compress: false, fin: true } as const;
+/** First header byte of a frame written by sendInPlace: FIN set, opcode 2 (binary). */
+const FIN_BINARY = 0x82;
+/** Second header byte's top bit: the payload is masked and a 4-byte key follows the length. */
+const MASKED = 0x80;
 
 function checkSize(record: Buffer): void {
   if (record.length > MAX_RECORD) {
@@ -81,9 +94,18 @@ function checkSize(record: Buffer): void {
   }
 }
 
+/**
+ * How this side masks the frames it writes itself (sendInPlace): a client
+ * must mask (RFC 6455 section 5.3), with a random key or, with the option
+ * zeroMask, the all-zero one; a server must not.
+ */
+type Masking = 'random' | 'zero' | 'none';
+
 class WsLink implements Link {
   readonly type = 'stream' as const;
   readonly maxRecordSize = MAX_RECORD;
+  /** The longest header a record of at most 65535 bytes needs: 2 bytes, a 16-bit length, and the key when masked. */
+  readonly headroom: number;
   private handlers: LinkHandlers | undefined;
   /** 'open' -> 'closing' (close()/destroy() called) -> 'closed' (the WebSocket is gone). */
   private state: 'open' | 'closing' | 'closed' = 'open';
@@ -100,7 +122,9 @@ class WsLink implements Link {
     private readonly socket: Duplex,
     readonly remoteAddress: string,
     private readonly log: Logger,
+    private readonly masking: Masking,
   ) {
+    this.headroom = masking === 'none' ? 4 : 8;
     ws.pause();
     ws.on('message', (data: RawData, isBinary: boolean) => {
       if (!isBinary || this.state !== 'open') return;
@@ -165,6 +189,42 @@ class WsLink implements Link {
     checkSize(record);
     if (this.state !== 'open' || this.ws.readyState !== WebSocket.OPEN) return false;
     this.ws.send(record, SEND_OPTIONS);
+    return this.belowHighWater();
+  }
+
+  /**
+   * Frames the record in the memory before it and masks it in place, then
+   * writes it with one call and no copy (ws.send() would write the header
+   * apart, and a client's ws copies every masked frame into fresh memory).
+   * Writing to the socket beside ws keeps frames in order because ws, with
+   * no compression and no Blob data (we use neither), writes each frame
+   * synchronously when it is sent: nothing of ws's waits in a queue to be
+   * overtaken.
+   */
+  sendInPlace(record: Buffer): boolean {
+    checkSize(record);
+    if (this.state !== 'open' || this.ws.readyState !== WebSocket.OPEN) return false;
+    const length = record.length;
+    const keyed = this.masking !== 'none';
+    const head = (length > 125 ? 4 : 2) + (keyed ? 4 : 0);
+    const frame = Buffer.from(record.buffer, record.byteOffset - head, head + length);
+    frame[0] = FIN_BINARY;
+    if (length > 125) {
+      frame[1] = 126;
+      frame.writeUInt16BE(length, 2);
+    } else {
+      frame[1] = length;
+    }
+    if (keyed) {
+      frame[1] |= MASKED;
+      if (this.masking === 'zero') {
+        frame.fill(0, head - 4, head);
+      } else {
+        writeMaskKey(frame, head - 4);
+        maskInPlace(record, frame, head - 4);
+      }
+    }
+    this.socket.write(frame);
     return this.belowHighWater();
   }
 
@@ -386,7 +446,7 @@ export default definePlugin<'transport', WsOptions>({
           return;
         }
         wss.handleUpgrade(req, socket, head, (ws) => {
-          const link = new WsLink(ws, socket, peerOf(req, socket), log);
+          const link = new WsLink(ws, socket, peerOf(req, socket), log, 'none');
           try {
             onLink(link);
           } catch (err) {
@@ -525,7 +585,7 @@ export default definePlugin<'transport', WsOptions>({
             ws.terminate();
             return;
           }
-          const link = new WsLink(ws, socket, formatPeer(socket.remoteAddress, socket.remotePort), log);
+          const link = new WsLink(ws, socket, formatPeer(socket.remoteAddress, socket.remotePort), log, zeroMask ? 'zero' : 'random');
           settle();
           resolve(link);
         });

@@ -1,12 +1,14 @@
 /**
- * The ws transport masks every client frame (RFC 6455). ws does it in C when
- * its optional addon bufferutil loads, in JavaScript at a fraction of the
+ * The ws transport masks every client frame (RFC 6455). ws, and the
+ * transport itself for the frames it writes in place (core/ws-mask.ts), do
+ * it in C when the optional addon bufferutil loads, in JavaScript at a fraction of the
  * speed when it does not (plugins/transport-ws.ts has the figures): a fresh
  * install on this platform must have the native one.
  */
 import { createRequire } from 'node:module';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import { nativeMasking } from '../core/ws-mask.ts';
 
 const require = createRequire(import.meta.url);
 
@@ -19,6 +21,10 @@ test('bufferutil is installed and loads its native binary (not the JavaScript fa
   const native = require('bufferutil') as Masker;
   const fallback = require('bufferutil/fallback') as Masker;
   assert.is.not(native.mask, fallback.mask, 'bufferutil fell back to JavaScript');
+});
+
+test('the frames the ws transport masks itself (sendInPlace) are masked by the native one too', () => {
+  assert.ok(nativeMasking, 'core/ws-mask.ts fell back to JavaScript');
 });
 
 test('it masks and unmasks as RFC 6455 says (XOR with the 4-byte key, repeated)', () => {

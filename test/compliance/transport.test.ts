@@ -208,6 +208,46 @@ function streamSuite(name: string, make: Make<StreamTransportPlugin>): void {
     }
   });
 
+  s('sendInPlace from both ends, mixed with send and sendBatch: every size arrives intact and in order', async () => {
+    const p = await connectPair(t);
+    try {
+      const a = probeLink(p.client);
+      const b = probeLink(p.server);
+      if (a.link.sendInPlace === undefined || b.link.sendInPlace === undefined) {
+        assert.is(a.link.sendInPlace === undefined && b.link.sendInPlace === undefined, true, 'both ends or neither offer sendInPlace');
+        return;
+      }
+      assert.ok((a.link.headroom ?? 0) > 0 && (b.link.headroom ?? 0) > 0, 'headroom comes with sendInPlace');
+      // 125/126 and 65535: where length encodings of stream framings change.
+      const sizes = [0, 1, 125, 126, 127, 1400, 16384, MAX, 3, MAX, 0, 126];
+      const sendVaried = (probe: typeof a) => {
+        const head = probe.link.headroom!;
+        sizes.forEach((n, i) => {
+          const record = patterned(i, n);
+          if (i % 3 === 0) {
+            // Memory of its own each time, with junk in the headroom: the link owns those bytes.
+            const memory = Buffer.alloc(head + n, 0xee);
+            record.copy(memory, head);
+            probe.link.sendInPlace!(memory.subarray(head));
+          } else if (i % 3 === 1) {
+            probe.link.send(record);
+          } else {
+            probe.link.sendBatch([record]);
+          }
+        });
+      };
+      sendVaried(a);
+      sendVaried(b);
+      await b.until(() => b.records.length >= sizes.length, 5_000, 'records at the server');
+      await a.until(() => a.records.length >= sizes.length, 5_000, 'records at the client');
+      assertRecords(b.records, sizes, 'client -> server');
+      assertRecords(a.records, sizes, 'server -> client');
+      assert.is(a.closes.length + b.closes.length, 0, 'no close');
+    } finally {
+      await p.cleanup();
+    }
+  });
+
   s('a maximum-size record on an idle link does not ask the caller to wait', async () => {
     // false stops a mux until drain; saying it after every 64 KiB record
     // (above a socket's 16 KiB mark) stalled each flush for a tick.
@@ -382,6 +422,10 @@ function streamSuite(name: string, make: Make<StreamTransportPlugin>): void {
         () => a.link.sendBatch([patterned(0, 10), Buffer.alloc(MAX + 1)]),
         (e: unknown) => e instanceof RangeError,
       );
+      if (a.link.sendInPlace) {
+        const head = a.link.headroom ?? 0;
+        assert.throws(() => a.link.sendInPlace!(Buffer.alloc(head + MAX + 1).subarray(head)), (e: unknown) => e instanceof RangeError);
+      }
       a.link.send(patterned(0, 3));
       await b.until(() => b.records.length >= 1, 5_000, 'the record after the refused ones');
       await sleep(50);
