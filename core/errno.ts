@@ -7,6 +7,10 @@ type Koffi = typeof import('koffi');
 
 export const EINTR = 4;
 export const EAGAIN = 11;
+export const EIO = 5;
+export const EINVAL = 22;
+export const EMSGSIZE = 90;
+export const ENOPROTOOPT = 92;
 export const ENOBUFS = 105;
 
 /** errno numbers to their names; where two names share a number, the first in koffi's table wins. */

@@ -17,12 +17,18 @@
  * tunnels). A larger datagram is fragmented by the kernel or dropped on the
  * way, so a wrong mtu costs speed or reachability, never safety.
  *
- * The data path (IPv4 sockets, where koffi loads; core/udp-io.ts): a send
- * is one sendto(2) that returns when the kernel has the datagram, and after
+ * The data path (IPv4 sockets, where koffi loads; core/udp-io.ts): after
  * dgram delivers a datagram the endpoint reads what else is queued with
- * recvfrom(2), up to RECEIVE_BATCH, without a callback per datagram.
- * Elsewhere, and whenever the kernel's send buffer is full, node:dgram does
- * the work as before.
+ * recvfrom(2), up to RECEIVE_BATCH, without a callback per datagram. A send
+ * is copied into a batch (core/segment-batch.ts) that leaves at the end of
+ * the microtask, or sooner when a datagram cannot join it (another peer, a
+ * larger size, a full batch): one datagram with sendto(2), more with one
+ * sendmsg(2) and UDP_SEGMENT (UDP GSO), so a burst of TUN packets crosses
+ * the kernel's stack once. Where the kernel refuses GSO on a path, the
+ * endpoint sends one by one from then on (for that size and larger, when the
+ * segment did not fit the path MTU). Option gso: false sends each datagram
+ * with sendto(2) within the call. Elsewhere, and whenever the kernel's send
+ * buffer is full, node:dgram does the work as before.
  *
  * Sending through dgram: it has no backpressure signal, so the endpoint
  * counts sends the OS has not confirmed; at `sendQueue` of them send() drops
@@ -41,7 +47,8 @@ import { describeListenError } from '../core/net-errors.ts';
 import { FRAME_HEADER } from '../core/mux.ts';
 import { datagramSizeFor } from '../core/session-datagram.ts';
 import type { DatagramEndpoint, DatagramHandlers, DatagramTransportPlugin, Logger } from '../core/types.ts';
-import { EAGAIN, ENOBUFS } from '../core/errno.ts';
+import { EAGAIN, EINVAL, EMSGSIZE, ENOBUFS } from '../core/errno.ts';
+import { MAX_BYTES as MAX_SEGMENT_BYTES, SegmentBatch } from '../core/segment-batch.ts';
 import { dgramFd, openUdpIo, setDgramReading, sockaddrIn, type UdpIo } from '../core/udp-io.ts';
 
 /** The largest UDP payload over IPv4 (65535 - 20 - 8). */
@@ -72,6 +79,7 @@ export interface UdpOptions {
   recvBufferSize: number;
   sendBufferSize: number;
   sendQueue: number;
+  gso: boolean;
 }
 
 interface Destination {
@@ -139,17 +147,28 @@ class UdpEndpoint implements DatagramEndpoint {
   private lastMessageAt = -Infinity;
   /** Datagrams dropped because too many sends were in flight (for debugging). */
   dropped = 0;
+  /** Datagrams waiting for the end of the microtask to leave in one GSO send; undefined: no batching. */
+  private batch: SegmentBatch<Destination> | undefined;
+  /** Datagrams larger than this are not batched (lowered when the kernel refuses a segment size). */
+  private batchLimit: number;
+  private flushQueued = false;
+  /** GSO sends the kernel took, and datagrams they carried (for debugging and tests). */
+  gsoSends = 0;
+  gsoDatagrams = 0;
 
   constructor(
     private readonly socket: dgram.Socket,
     readonly maxDatagramSize: number,
     private readonly sendQueue: number,
+    gso: boolean,
     private readonly log: Logger,
     private readonly onGone: (e: UdpEndpoint) => void,
   ) {
     const bound = socket.address();
     this.localAddress = formatHostPort(bound.address, bound.port);
     this.io = openUdpIo(socket);
+    if (gso && this.io?.canSendSegments === true) this.batch = new SegmentBatch<Destination>();
+    this.batchLimit = Math.min(maxDatagramSize, MAX_SEGMENT_BYTES);
     socket.on('message', (data, rinfo) => {
       if (this.closing) return;
       // dgram hands each message its own buffer; formatHostPort keeps ::ffff:a.b.c.d as is, so send() can answer it.
@@ -201,6 +220,11 @@ class UdpEndpoint implements DatagramEndpoint {
     return this.inflight;
   }
 
+  /** Whether bursts leave as GSO sends (false where the kernel or koffi cannot, or after the kernel refused). */
+  get batching(): boolean {
+    return this.batch !== undefined;
+  }
+
   send(datagram: Buffer, to: string): boolean {
     if (datagram.length > this.maxDatagramSize) {
       throw new RangeError(`udp transport: a datagram of ${datagram.length} bytes exceeds maxDatagramSize ${this.maxDatagramSize}`);
@@ -213,8 +237,30 @@ class UdpEndpoint implements DatagramEndpoint {
       this.destinations.set(to, dest);
     }
     if (this.closing) return false;
+    const batch = this.batch;
+    if (batch !== undefined) {
+      // Whatever does not join the batch goes after it, so datagrams leave in the order they were sent.
+      if (batch.count > 0 && !batch.fits(datagram.length, dest)) this.flush();
+      if (this.inflight === 0 && dest.sockaddr !== undefined && datagram.length > 0 && datagram.length <= this.batchLimit) {
+        batch.add(datagram, dest);
+        if (!this.flushQueued) {
+          this.flushQueued = true;
+          queueMicrotask(this.flushAtEnd);
+        }
+        return true;
+      }
+      if (batch.count > 0) this.flush();
+    }
+    return this.sendOne(datagram, dest, false);
+  }
+
+  /**
+   * One datagram: sendto(2) while nothing waits in dgram's queue (so
+   * datagrams leave in order), else through dgram, which keeps a reference
+   * to the memory (a `copy` of it when the caller's memory is not its own).
+   */
+  private sendOne(datagram: Buffer, dest: Destination, copy: boolean): boolean {
     const io = this.io;
-    // Direct while nothing waits in dgram's queue, so datagrams leave in the order they were sent.
     if (io !== undefined && this.inflight === 0 && dest.sockaddr !== undefined) {
       const errno = io.send(datagram, dest.sockaddr);
       if (errno === 0) return true;
@@ -232,7 +278,7 @@ class UdpEndpoint implements DatagramEndpoint {
     }
     this.inflight++;
     try {
-      this.socket.send(datagram, dest.port, dest.host, this.sent);
+      this.socket.send(copy ? Buffer.from(datagram) : datagram, dest.port, dest.host, this.sent);
     } catch (err) {
       // dgram throws synchronously only for a socket that is already closed.
       this.inflight--;
@@ -244,6 +290,56 @@ class UdpEndpoint implements DatagramEndpoint {
       return false;
     }
     return true;
+  }
+
+  private readonly flushAtEnd = (): void => {
+    this.flushQueued = false;
+    this.flush();
+  };
+
+  /**
+   * Sends the batch: one datagram with sendto(2), more with one GSO
+   * sendmsg(2). When the kernel's buffer is full they queue in dgram like any
+   * other; when it refuses GSO on this path, each goes on its own, and the
+   * endpoint stops batching (EIO, no checksum offload; others, no UDP GSO)
+   * or stops batching datagrams of this size and larger (EMSGSIZE or EINVAL,
+   * by kernel version: the segment does not fit the path MTU).
+   */
+  private flush(): void {
+    const batch = this.batch;
+    if (batch === undefined || batch.count === 0) return;
+    const io = this.io;
+    const dest = batch.to!;
+    if (io === undefined) {
+      batch.clear(); // the socket closed under the batch: lost, as UDP may lose them
+      return;
+    }
+    const count = batch.count;
+    const errno = count === 1 ? io.send(batch.segment(0), dest.sockaddr!) : io.sendSegments(batch.memory, batch.length, batch.segmentSize, dest.sockaddr!);
+    if (errno === 0) {
+      if (count > 1) {
+        this.gsoSends++;
+        this.gsoDatagrams += count;
+      }
+    } else if (count > 1 && errno !== EAGAIN && errno !== ENOBUFS) {
+      if (errno === EMSGSIZE || errno === EINVAL) {
+        this.batchLimit = Math.min(this.batchLimit, batch.segmentSize - 1);
+      } else {
+        this.batch = undefined;
+      }
+      this.log.debug('udp GSO refused; sending datagrams one by one', {
+        address: this.localAddress,
+        error: io.error(errno).code,
+        segmentSize: batch.segmentSize,
+        batchingBelow: this.batch === undefined ? 0 : this.batchLimit + 1,
+      });
+      for (let i = 0; i < count; i++) this.sendOne(batch.segment(i), dest, true);
+    } else if (errno === EAGAIN || errno === ENOBUFS) {
+      for (let i = 0; i < count; i++) this.sendOne(batch.segment(i), dest, true);
+    } else {
+      this.noteSendError(io.error(errno));
+    }
+    batch.clear();
   }
 
   handOffReceive(): { fd: number; resume(): void } | undefined {
@@ -261,6 +357,8 @@ class UdpEndpoint implements DatagramEndpoint {
 
   close(): void {
     if (this.closing) return;
+    // What was sent before close() goes out first (a session's CLOSE record, typically).
+    this.flush();
     this.closing = true;
     this.early = [];
     if (this.inflight === 0) {
@@ -376,6 +474,11 @@ export default definePlugin<'transport', UdpOptions>({
       default: 1024,
       validate: (v) => (Number.isInteger(v) && (v as number) >= 16 ? undefined : 'must be an integer of at least 16'),
     },
+    gso: {
+      type: 'boolean',
+      description: 'send a burst of datagrams to one peer with one system call (UDP GSO, Linux); false: one sendto(2) each',
+      default: true,
+    },
   },
   create(options, ctx): DatagramTransportPlugin {
     const mtu = options.mtu ?? 1420;
@@ -383,6 +486,7 @@ export default definePlugin<'transport', UdpOptions>({
     const recvBufferSize = options.recvBufferSize ?? 4 * 1024 * 1024;
     const sendBufferSize = options.sendBufferSize ?? 4 * 1024 * 1024;
     const sendQueue = options.sendQueue ?? 1024;
+    const gso = options.gso ?? true;
     const log = ctx.log;
     const endpoints = new Set<UdpEndpoint>();
 
@@ -427,10 +531,10 @@ export default definePlugin<'transport', UdpOptions>({
       } catch (err) {
         log.debug('could not set the udp socket buffer sizes', { error: (err as Error).message });
       }
-      const endpoint = new UdpEndpoint(socket, maxDatagramSize, sendQueue, log, (e) => endpoints.delete(e));
+      const endpoint = new UdpEndpoint(socket, maxDatagramSize, sendQueue, gso, log, (e) => endpoints.delete(e));
       endpoints.add(endpoint);
       if (ctx.signal.aborted) endpoint.close();
-      log.debug('bound', { address: endpoint.localAddress, maxDatagramSize });
+      log.debug('bound', { address: endpoint.localAddress, maxDatagramSize, gso: endpoint.batching });
       return endpoint;
     };
 

@@ -519,7 +519,7 @@ test('roaming (in memory): the client\'s address changes mid-transfer; the serve
 
 test('roaming over real UDP: a relay switches its source port mid-transfer; the transfer completes', async () => {
   const ctx = testContext();
-  const udp = udpDef.create({ mtu: 1420, recvBufferSize: 1 << 20, sendBufferSize: 1 << 20, sendQueue: 1024 }, ctx) as DatagramTransportPlugin;
+  const udp = udpDef.create({ mtu: 1420, recvBufferSize: 1 << 20, sendBufferSize: 1 << 20, sendQueue: 1024, gso: true }, ctx) as DatagramTransportPlugin;
   const w = world();
   const serverEnd = await udp.bind('127.0.0.1:0');
   const served = serve(w, serverEnd);

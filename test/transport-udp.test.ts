@@ -1,8 +1,9 @@
 /**
  * The udp transport's direct data path (core/udp-io.ts) on loopback: sends
- * reach the kernel within the call and hold nothing, and datagrams read in a
- * batch after dgram's wake-up arrive whole, in order, each in memory of its
- * own, with the sender's address. The shared datagram-transport checks are
+ * reach the kernel within the call (gso: false) or at the end of the
+ * microtask, a burst to one peer in one GSO send (core/segment-batch.ts),
+ * and hold nothing; datagrams read in a batch after dgram's wake-up arrive
+ * whole, in order, each in memory of its own, with the sender's address. The shared datagram-transport checks are
  * in test/compliance/transport.test.ts; the fallback to dgram when the
  * kernel's send buffer is full is in transport-udp-netns.test.ts.
  */
@@ -20,16 +21,20 @@ const COUNT = 100;
 const SIZE = 200;
 const controller = new AbortController();
 let transport: DatagramTransportPlugin;
+let sendtoOnly: DatagramTransportPlugin;
 const cleanups: Array<() => void> = [];
 
 test.before(async () => {
-  transport = (await udp.create({ mtu: 1420, recvBufferSize: 1 << 20, sendBufferSize: 1 << 20, sendQueue: 1024 }, testContext({ signal: controller.signal }))) as DatagramTransportPlugin;
+  const options = { mtu: 1420, recvBufferSize: 1 << 20, sendBufferSize: 1 << 20, sendQueue: 1024 };
+  transport = (await udp.create({ ...options, gso: true }, testContext({ signal: controller.signal }))) as DatagramTransportPlugin;
+  sendtoOnly = (await udp.create({ ...options, gso: false }, testContext({ signal: controller.signal }))) as DatagramTransportPlugin;
 });
 test.after.each(() => {
   for (const c of cleanups.splice(0)) c();
 });
 test.after(async () => {
   await transport.close?.();
+  await sendtoOnly.close?.();
   controller.abort();
 });
 
@@ -40,8 +45,8 @@ async function plainSocket(): Promise<dgram.Socket> {
   return s;
 }
 
-async function endpoint(): Promise<DatagramEndpoint> {
-  const e = await transport.bind('127.0.0.1:0');
+async function endpoint(t = transport): Promise<DatagramEndpoint> {
+  const e = await t.bind('127.0.0.1:0');
   cleanups.push(() => e.close());
   return e;
 }
@@ -73,19 +78,137 @@ test('IPv4 sockets get direct I/O; IPv6 sockets stay on dgram', async () => {
   assert.is(openUdpIo(v6), undefined);
 });
 
-test(`${COUNT} sends in one tick: each is in the kernel when send() returns (pending 0), and all arrive in order`, async () => {
+test(`gso: false: ${COUNT} sends in one tick: each is in the kernel when send() returns (pending 0), and all arrive in order`, async () => {
   const receiver = await plainSocket();
   const got: Buffer[] = [];
   receiver.on('message', (m) => got.push(m));
-  const e = await endpoint();
+  const e = await endpoint(sendtoOnly);
+  assert.not.ok(gsoOf(e).batching, 'no batching');
+  let arrivedDuringSends = false;
+  receiver.once('message', () => void (arrivedDuringSends = true));
   e.start({ datagram() {}, drain() {}, close() {} });
   const to = `127.0.0.1:${receiver.address().port}`;
   for (let i = 0; i < COUNT; i++) {
     assert.ok(e.send(patterned(i, SIZE), to), `send ${i}`);
     assert.is(e.pending, 0, `nothing held after send ${i}`);
   }
+  assert.not.ok(arrivedDuringSends, 'the receiver has not run yet');
   await until(`${COUNT} datagrams`, () => got.length === COUNT);
   for (let i = 0; i < COUNT; i++) assert.ok(got[i]!.equals(patterned(i, SIZE)), `datagram ${i} intact and in order`);
+  assert.is(gsoOf(e).gsoSends, 0, 'one sendto each');
+});
+
+/** White box: the endpoint's GSO counters and its direct I/O. */
+function gsoOf(e: DatagramEndpoint) {
+  return e as unknown as {
+    batching: boolean;
+    gsoSends: number;
+    gsoDatagrams: number;
+    io: { sendSegments(buf: Uint8Array, length: number, segmentSize: number, to: Uint8Array): number; send(d: Uint8Array, to: Uint8Array): number };
+  };
+}
+
+/** Sizes of a burst: runs of one size (a shorter last one), a size change upwards, a lone tiny one, a run longer than 64. */
+const BURST = [
+  ...Array(10).fill(1200),
+  700,
+  ...Array(5).fill(1457),
+  1457,
+  100,
+  ...Array(70).fill(120),
+  29,
+  ...Array(3).fill(1000),
+];
+
+test('a burst in one tick leaves in GSO sends: every datagram arrives whole, at its own size, in order', async () => {
+  const receiver = await plainSocket();
+  receiver.setRecvBufferSize(1 << 20);
+  const got: Buffer[] = [];
+  receiver.on('message', (m) => got.push(m));
+  const e = await endpoint();
+  const g = gsoOf(e);
+  assert.ok(g.batching, 'this kernel batches (UDP GSO on loopback)');
+  e.start({ datagram() {}, drain() {}, close() {} });
+  const to = `127.0.0.1:${receiver.address().port}`;
+  BURST.forEach((size, i) => {
+    assert.ok(e.send(patterned(i, size), to), `send ${i}`);
+    assert.is(e.pending, 0, `nothing held after send ${i}`);
+  });
+  await until(`${BURST.length} datagrams`, () => got.length === BURST.length);
+  BURST.forEach((size, i) => assert.ok(got[i]!.equals(patterned(i, size)), `datagram ${i} (${size} bytes) intact and in order`));
+  // 10+1 | 5+1+1 (the 100 is shorter: it ends the run) | 64 | 6+1 | 3: five GSO sends.
+  assert.is(g.gsoSends, 5, 'five GSO sends');
+  assert.is(g.gsoDatagrams, BURST.length, 'carrying every datagram');
+});
+
+test('datagrams to two peers in one tick: each peer gets its own in order', async () => {
+  const a = await plainSocket();
+  const b = await plainSocket();
+  const gotA: Buffer[] = [];
+  const gotB: Buffer[] = [];
+  a.on('message', (m) => gotA.push(m));
+  b.on('message', (m) => gotB.push(m));
+  const e = await endpoint();
+  e.start({ datagram() {}, drain() {}, close() {} });
+  const toA = `127.0.0.1:${a.address().port}`;
+  const toB = `127.0.0.1:${b.address().port}`;
+  // Runs of three to each, then alternating: a batch never mixes peers.
+  const plan = [...'aaabbbaaabbb', ...'ababababab'].map((p, i) => ({ to: p === 'a' ? toA : toB, i }));
+  for (const { to, i } of plan) e.send(patterned(i, 500), to);
+  const wantA = plan.filter((p) => p.to === toA).map((p) => p.i);
+  const wantB = plan.filter((p) => p.to === toB).map((p) => p.i);
+  await until('both peers', () => gotA.length === wantA.length && gotB.length === wantB.length);
+  assert.equal(gotA.map((m) => m.readUInt32BE(0)), wantA, 'peer a, in order');
+  assert.equal(gotB.map((m) => m.readUInt32BE(0)), wantB, 'peer b, in order');
+  assert.is(gsoOf(e).gsoSends, 4, 'the four runs of three went in GSO sends; the alternating ones one by one');
+});
+
+test('the kernel refuses GSO (EIO: no checksum offload): the batch goes one by one and batching stops', async () => {
+  const receiver = await plainSocket();
+  const got: Buffer[] = [];
+  receiver.on('message', (m) => got.push(m));
+  const e = await endpoint();
+  const g = gsoOf(e);
+  e.start({ datagram() {}, drain() {}, close() {} });
+  let refused = 0;
+  g.io.sendSegments = () => (refused++, 5); // EIO
+  const to = `127.0.0.1:${receiver.address().port}`;
+  for (let i = 0; i < 20; i++) e.send(patterned(i, 400), to);
+  await until('20 datagrams', () => got.length === 20);
+  assert.is(refused, 1, 'tried once');
+  assert.not.ok(g.batching, 'no more batching');
+  for (let i = 20; i < 40; i++) e.send(patterned(i, 400), to);
+  await until('40 datagrams', () => got.length === 40);
+  assert.is(refused, 1, 'not tried again');
+  for (let i = 0; i < 40; i++) assert.is(got[i]!.readUInt32BE(0), i, `datagram ${i} in order`);
+});
+
+test('the kernel refuses a segment size (EMSGSIZE: larger than the path MTU): that size and larger go one by one, smaller ones still batch', async () => {
+  const receiver = await plainSocket();
+  const got: Buffer[] = [];
+  receiver.on('message', (m) => got.push(m));
+  const e = await endpoint();
+  const g = gsoOf(e);
+  e.start({ datagram() {}, drain() {}, close() {} });
+  const real = g.io.sendSegments.bind(g.io);
+  const tried: number[] = [];
+  g.io.sendSegments = (buf, length, segmentSize, to) => {
+    tried.push(segmentSize);
+    return segmentSize >= 1000 ? 90 : real(buf, length, segmentSize, to); // EMSGSIZE
+  };
+  const to = `127.0.0.1:${receiver.address().port}`;
+  const first = Array(8).fill(1200);
+  first.forEach((n, i) => e.send(patterned(i, n), to));
+  await until('the refused batch, one by one', () => got.length === first.length);
+  // A later burst: 1300 and 1200 (not below the refused size) go one by one; 900 still batches.
+  const then = [...Array(8).fill(1300), ...Array(8).fill(1200), ...Array(8).fill(900)];
+  then.forEach((n, i) => e.send(patterned(first.length + i, n), to));
+  const sizes = [...first, ...then];
+  await until(`${sizes.length} datagrams`, () => got.length === sizes.length);
+  sizes.forEach((n, i) => assert.ok(got[i]!.equals(patterned(i, n)), `datagram ${i} intact and in order`));
+  assert.equal(tried, [1200, 900], 'after 1200 was refused, 1300 and 1200 were not tried; 900 was');
+  assert.ok(g.batching, 'still batching below that size');
+  assert.is(g.gsoSends, 1, 'the 900-byte run went in one');
 });
 
 test(`a burst of ${COUNT} from a plain socket arrives whole and in order, each datagram in its own memory, with the sender's address`, async () => {

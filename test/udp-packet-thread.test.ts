@@ -80,7 +80,7 @@ interface Pair {
 }
 
 async function sessionPair(cipher: CipherPlugin, log: Logger = silentLogger()): Promise<Pair> {
-  const udp = udpDef.create({ mtu: 1420, recvBufferSize: 1 << 20, sendBufferSize: 1 << 20, sendQueue: 1024 }, testContext()) as DatagramTransportPlugin;
+  const udp = udpDef.create({ mtu: 1420, recvBufferSize: 1 << 20, sendBufferSize: 1 << 20, sendQueue: 1024, gso: true }, testContext()) as DatagramTransportPlugin;
   const serverKeys = generateKeyPair();
   const clientKeys = generateKeyPair();
   const auth: AuthPlugin = {
