@@ -11,6 +11,7 @@ export const EIO = 5;
 export const EINVAL = 22;
 export const EMSGSIZE = 90;
 export const ENOPROTOOPT = 92;
+export const EOPNOTSUPP = 95;
 export const ENOBUFS = 105;
 
 /** errno numbers to their names; where two names share a number, the first in koffi's table wins. */

@@ -47,7 +47,7 @@ import { describeListenError } from '../core/net-errors.ts';
 import { FRAME_HEADER } from '../core/mux.ts';
 import { datagramSizeFor } from '../core/session-datagram.ts';
 import type { DatagramEndpoint, DatagramHandlers, DatagramTransportPlugin, Logger } from '../core/types.ts';
-import { EAGAIN, EINVAL, EMSGSIZE, ENOBUFS } from '../core/errno.ts';
+import { EAGAIN, EINVAL, EIO, EMSGSIZE, ENOBUFS, ENOPROTOOPT, EOPNOTSUPP } from '../core/errno.ts';
 import { MAX_BYTES as MAX_SEGMENT_BYTES, SegmentBatch } from '../core/segment-batch.ts';
 import { dgramFd, openUdpIo, setDgramReading, sockaddrIn, type UdpIo } from '../core/udp-io.ts';
 
@@ -301,9 +301,11 @@ class UdpEndpoint implements DatagramEndpoint {
    * Sends the batch: one datagram with sendto(2), more with one GSO
    * sendmsg(2). When the kernel's buffer is full they queue in dgram like any
    * other; when it refuses GSO on this path, each goes on its own, and the
-   * endpoint stops batching (EIO, no checksum offload; others, no UDP GSO)
-   * or stops batching datagrams of this size and larger (EMSGSIZE or EINVAL,
-   * by kernel version: the segment does not fit the path MTU).
+   * endpoint stops batching (EIO: no checksum offload; ENOPROTOOPT,
+   * EOPNOTSUPP: no UDP GSO) or stops batching datagrams of this size and
+   * larger (EMSGSIZE or EINVAL, by kernel version: the segment does not fit
+   * the path MTU). Any other errno is one each datagram would have got: the
+   * batch is lost, as UDP may lose it.
    */
   private flush(): void {
     const batch = this.batch;
@@ -321,7 +323,7 @@ class UdpEndpoint implements DatagramEndpoint {
         this.gsoSends++;
         this.gsoDatagrams += count;
       }
-    } else if (count > 1 && errno !== EAGAIN && errno !== ENOBUFS) {
+    } else if (count > 1 && (errno === EMSGSIZE || errno === EINVAL || errno === EIO || errno === ENOPROTOOPT || errno === EOPNOTSUPP)) {
       if (errno === EMSGSIZE || errno === EINVAL) {
         this.batchLimit = Math.min(this.batchLimit, batch.segmentSize - 1);
       } else {
@@ -337,6 +339,7 @@ class UdpEndpoint implements DatagramEndpoint {
     } else if (errno === EAGAIN || errno === ENOBUFS) {
       for (let i = 0; i < count; i++) this.sendOne(batch.segment(i), dest, true);
     } else {
+      // Refused as each of them would have been (no route, a firewall...): lost, as UDP may lose them.
       this.noteSendError(io.error(errno));
     }
     batch.clear();

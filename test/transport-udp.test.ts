@@ -183,6 +183,26 @@ test('the kernel refuses GSO (EIO: no checksum offload): the batch goes one by o
   for (let i = 0; i < 40; i++) assert.is(got[i]!.readUInt32BE(0), i, `datagram ${i} in order`);
 });
 
+test('a GSO send refused as any send would be (EPERM: a firewall): the batch is lost quietly and batching goes on', async () => {
+  const receiver = await plainSocket();
+  const got: Buffer[] = [];
+  receiver.on('message', (m) => got.push(m));
+  const e = await endpoint();
+  const g = gsoOf(e);
+  e.start({ datagram() {}, drain() {}, close() {} });
+  const real = g.io.sendSegments.bind(g.io);
+  let calls = 0;
+  g.io.sendSegments = (buf, length, segmentSize, to) => (++calls === 1 ? 1 : real(buf, length, segmentSize, to)); // EPERM once
+  const to = `127.0.0.1:${receiver.address().port}`;
+  for (let i = 0; i < 10; i++) assert.ok(e.send(patterned(i, 400), to), `send ${i}`);
+  await sleep(20);
+  for (let i = 10; i < 20; i++) e.send(patterned(i, 400), to);
+  await until('the second burst', () => got.length === 10);
+  assert.equal(got.map((m) => m.readUInt32BE(0)), Array.from({ length: 10 }, (_, i) => 10 + i), 'only the second burst arrived');
+  assert.ok(g.batching, 'still batching');
+  assert.is(g.gsoSends, 1, 'the second burst in one GSO send');
+});
+
 test('the kernel refuses a segment size (EMSGSIZE: larger than the path MTU): that size and larger go one by one, smaller ones still batch', async () => {
   const receiver = await plainSocket();
   const got: Buffer[] = [];
