@@ -69,7 +69,9 @@
  * stream per turn) at the end of the current microtask, so frames written in
  * one tick share records and no frame waits for more; only the sliver left
  * of a write that filled a payload waits, for the end of the event-loop
- * turn, so the next socket read can join it (onlyTailsWait). When `send` returns
+ * turn, so the next socket read can join it (onlyTailsWait). Queued packets
+ * go sooner, once they fill several payloads (PACKET_FLUSH_PAYLOADS): a TUN
+ * device hands over a whole batch in one synchronous run. When `send` returns
  * false nothing more is sent, and the streams' write callbacks are held,
  * until `drain()`.
  */
@@ -285,6 +287,12 @@ const MAX_REPLIES = 1024;
 const MAX_DGRAM_QUEUE = 256 * 1024;
 /** IP packet bytes waiting while congested (TUN mode); beyond this packets are dropped, as IP allows. */
 const MAX_PACKET_QUEUE = 256 * 1024;
+/**
+ * Packets queued in one turn are sent at once when they fill this many
+ * payloads (or half of MAX_PACKET_QUEUE): enough that they still share
+ * records, never so many that a burst overruns the queue.
+ */
+const PACKET_FLUSH_PAYLOADS = 8;
 const U32_MAX = 0xffffffff;
 
 // Per-stream control frames waiting to go out (bits of MuxStream.ctl), in wire order.
@@ -500,6 +508,8 @@ export class Mux {
   private readonly lossy: boolean;
   /** Packets longer than this have a payload to themselves (lossy mode: one record per datagram); Infinity otherwise. */
   private readonly soloPacket: number;
+  /** Queued packet bytes at which sendPacket flushes at once instead of at the end of the microtask. */
+  private readonly packetFlushAt: number;
   private readonly udpIdleMs: number;
   /** Lossy mode, server: checks associations for idleness while there are any. */
   private udpSweep: NodeJS.Timeout | undefined;
@@ -585,6 +595,7 @@ export class Mux {
     this.maxPacket = opts.maxPacket === undefined ? fits : Math.max(1, Math.min(fits, Math.floor(opts.maxPacket)));
     // Room left beside such a packet is less than a frame with the smallest IP packet (20 bytes).
     this.soloPacket = this.lossy ? this.maxPayload - 2 * FRAME_HEADER - 20 : Infinity;
+    this.packetFlushAt = Math.min(MAX_PACKET_QUEUE / 2, PACKET_FLUSH_PAYLOADS * this.maxPayload);
   }
 
   // Made when the first stream or association needs them: a session that carries only packets
@@ -741,6 +752,13 @@ export class Mux {
     copy.set(packet);
     this.packets.push(copy);
     this.packetBytes += n;
+    // A TUN device hands over up to a thousand packets in one synchronous
+    // batch: waiting for the end of the microtask, they would overrun the
+    // queue and be dropped. Once the queue fills several payloads, they go now.
+    if (this.packetBytes >= this.packetFlushAt && !this.flushing && !this.congested) {
+      this.flush();
+      return true;
+    }
     this.scheduleFlush();
     return true;
   }
