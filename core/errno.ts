@@ -6,8 +6,8 @@
 type Koffi = typeof import('koffi');
 
 export const EINTR = 4;
-export const EAGAIN = 11;
 export const EIO = 5;
+export const EAGAIN = 11;
 export const EINVAL = 22;
 export const EMSGSIZE = 90;
 export const ENOPROTOOPT = 92;

@@ -8,7 +8,7 @@
  * saves), so the sender's memory is free again at once.
  */
 
-/** UDP_MAX_SEGMENTS in Linux before 6.x raised it to 128. */
+/** The most segments every kernel with UDP GSO takes in one send (UDP_MAX_SEGMENTS; recent kernels take more). */
 export const MAX_SEGMENTS = 64;
 /** The most UDP payload one IPv4 send can carry (65535 - 20 - 8). */
 export const MAX_BYTES = 65507;
