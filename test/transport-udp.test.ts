@@ -107,6 +107,16 @@ function gsoOf(e: DatagramEndpoint) {
   };
 }
 
+/** A plain receiver and a started endpoint (gso on) sending to it, with its internals. */
+async function gsoRig() {
+  const receiver = await plainSocket();
+  const got: Buffer[] = [];
+  receiver.on('message', (m) => got.push(m));
+  const e = await endpoint();
+  e.start({ datagram() {}, drain() {}, close() {} });
+  return { got, e, g: gsoOf(e), to: `127.0.0.1:${receiver.address().port}` };
+}
+
 /** Sizes of a burst: runs of one size (a shorter last one), a size change upwards, a lone tiny one, a run longer than 64. */
 const BURST = [
   ...Array(10).fill(1200),
@@ -163,15 +173,9 @@ test('datagrams to two peers in one tick: each peer gets its own in order', asyn
 });
 
 test('the kernel refuses GSO (EIO: no checksum offload): the batch goes one by one and batching stops', async () => {
-  const receiver = await plainSocket();
-  const got: Buffer[] = [];
-  receiver.on('message', (m) => got.push(m));
-  const e = await endpoint();
-  const g = gsoOf(e);
-  e.start({ datagram() {}, drain() {}, close() {} });
+  const { got, e, g, to } = await gsoRig();
   let refused = 0;
   g.io.sendSegments = () => (refused++, 5); // EIO
-  const to = `127.0.0.1:${receiver.address().port}`;
   for (let i = 0; i < 20; i++) e.send(patterned(i, 400), to);
   await until('20 datagrams', () => got.length === 20);
   assert.is(refused, 1, 'tried once');
@@ -183,16 +187,10 @@ test('the kernel refuses GSO (EIO: no checksum offload): the batch goes one by o
 });
 
 test('a GSO send refused as any send would be (EPERM: a firewall): the batch is lost quietly and batching goes on', async () => {
-  const receiver = await plainSocket();
-  const got: Buffer[] = [];
-  receiver.on('message', (m) => got.push(m));
-  const e = await endpoint();
-  const g = gsoOf(e);
-  e.start({ datagram() {}, drain() {}, close() {} });
+  const { got, e, g, to } = await gsoRig();
   const real = g.io.sendSegments.bind(g.io);
   let calls = 0;
-  g.io.sendSegments = (buf, length, segmentSize, to) => (++calls === 1 ? 1 : real(buf, length, segmentSize, to)); // EPERM once
-  const to = `127.0.0.1:${receiver.address().port}`;
+  g.io.sendSegments = (buf, length, segmentSize, dest) => (++calls === 1 ? 1 : real(buf, length, segmentSize, dest)); // EPERM once
   for (let i = 0; i < 10; i++) assert.ok(e.send(patterned(i, 400), to), `send ${i}`);
   await sleep(20);
   for (let i = 10; i < 20; i++) e.send(patterned(i, 400), to);
@@ -203,19 +201,13 @@ test('a GSO send refused as any send would be (EPERM: a firewall): the batch is 
 });
 
 test('the kernel refuses a segment size (EMSGSIZE: larger than the path MTU): that size and larger go one by one, smaller ones still batch', async () => {
-  const receiver = await plainSocket();
-  const got: Buffer[] = [];
-  receiver.on('message', (m) => got.push(m));
-  const e = await endpoint();
-  const g = gsoOf(e);
-  e.start({ datagram() {}, drain() {}, close() {} });
+  const { got, e, g, to } = await gsoRig();
   const real = g.io.sendSegments.bind(g.io);
   const tried: number[] = [];
-  g.io.sendSegments = (buf, length, segmentSize, to) => {
+  g.io.sendSegments = (buf, length, segmentSize, dest) => {
     tried.push(segmentSize);
-    return segmentSize >= 1000 ? 90 : real(buf, length, segmentSize, to); // EMSGSIZE
+    return segmentSize >= 1000 ? 90 : real(buf, length, segmentSize, dest); // EMSGSIZE
   };
-  const to = `127.0.0.1:${receiver.address().port}`;
   const first = Array(8).fill(1200);
   first.forEach((n, i) => e.send(patterned(i, n), to));
   await until('the refused batch, one by one', () => got.length === first.length);

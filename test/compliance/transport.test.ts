@@ -91,6 +91,15 @@ function assertRecords(got: Buffer[], sizes: number[], what: string): void {
 }
 
 /** Both close handlers have run once; a little later still exactly once. */
+/** Every record of `sizes` reached the other end, both ways, and neither link closed. */
+async function assertBothWays(client: LinkProbe, server: LinkProbe, sizes: number[]): Promise<void> {
+  await server.until(() => server.records.length >= sizes.length, 5_000, 'records at the server');
+  await client.until(() => client.records.length >= sizes.length, 5_000, 'records at the client');
+  assertRecords(server.records, sizes, 'client -> server');
+  assertRecords(client.records, sizes, 'server -> client');
+  assert.is(client.closes.length + server.closes.length, 0, 'no close');
+}
+
 async function assertClosedOnce(a: LinkProbe, b: LinkProbe, what: string): Promise<void> {
   await a.until(() => a.closes.length > 0 && b.closes.length > 0, 8_000, `${what}: close on both ends`);
   await sleep(100);
@@ -166,11 +175,7 @@ function streamSuite(name: string, make: Make<StreamTransportPlugin>): void {
       const sizes = [0, 1, 1000, 16384, MAX, 0, MAX, 16384, 1, 0];
       const records = sizes.map((n, i) => patterned(i, n));
       await Promise.all([sendAll(a, records), sendAll(b, records)]);
-      await b.until(() => b.records.length >= sizes.length, 5_000, 'records at the server');
-      await a.until(() => a.records.length >= sizes.length, 5_000, 'records at the client');
-      assertRecords(b.records, sizes, 'client -> server');
-      assertRecords(a.records, sizes, 'server -> client');
-      assert.is(a.closes.length + b.closes.length, 0, 'no close');
+      await assertBothWays(a, b, sizes);
     } finally {
       await p.cleanup();
     }
@@ -238,11 +243,7 @@ function streamSuite(name: string, make: Make<StreamTransportPlugin>): void {
       };
       sendVaried(a);
       sendVaried(b);
-      await b.until(() => b.records.length >= sizes.length, 5_000, 'records at the server');
-      await a.until(() => a.records.length >= sizes.length, 5_000, 'records at the client');
-      assertRecords(b.records, sizes, 'client -> server');
-      assertRecords(a.records, sizes, 'server -> client');
-      assert.is(a.closes.length + b.closes.length, 0, 'no close');
+      await assertBothWays(a, b, sizes);
     } finally {
       await p.cleanup();
     }
