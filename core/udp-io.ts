@@ -28,6 +28,7 @@ import { ENOPROTOOPT, errnoNames } from './errno.ts';
 
 type Koffi = typeof import('koffi');
 
+const littleEndian = endianness() === 'LE';
 const MSG_DONTWAIT = 0x40;
 const SOL_UDP = 17;
 const UDP_SEGMENT = 103;
@@ -36,7 +37,7 @@ const UDP_SEGMENT = 103;
  * cmsg_level (int), cmsg_type (int), then the data, padded to 8 bytes:
  * CMSG_LEN(2) = 18 and CMSG_SPACE(2) = 24 for UDP_SEGMENT's u16.
  */
-const LP64_CMSG = (process.arch === 'x64' || process.arch === 'arm64') && endianness() === 'LE';
+const LP64_CMSG = (process.arch === 'x64' || process.arch === 'arm64') && littleEndian;
 const CMSG_HEADER = 16;
 const SEGMENT_CMSG_SPACE = 24;
 const AF_INET = 2;
@@ -186,7 +187,6 @@ export function setDgramReading(socket: dgram.Socket, on: boolean): boolean {
   }
 }
 
-const littleEndian = endianness() === 'LE';
 
 /** struct sockaddr_in for an IPv4 address ("a.b.c.d") and port, or undefined if `host` is not one. */
 export function sockaddrIn(host: string, port: number): Buffer | undefined {

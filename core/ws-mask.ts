@@ -35,24 +35,20 @@ let keyAt = KEY_POOL_SIZE;
 /** Whether the XOR runs in C (bufferutil loaded). */
 export const nativeMasking = native !== undefined;
 
-/** Fills `key[at..at+4)` with a fresh random masking key. */
-export function writeMaskKey(key: Buffer, at: number): void {
+/** Fills `key` (4 bytes) with a fresh random masking key. */
+export function writeMaskKey(key: Buffer): void {
   if (keyAt === KEY_POOL_SIZE) {
     randomFillSync(keyPool);
     keyAt = 0;
   }
-  key[at] = keyPool[keyAt]!;
-  key[at + 1] = keyPool[keyAt + 1]!;
-  key[at + 2] = keyPool[keyAt + 2]!;
-  key[at + 3] = keyPool[keyAt + 3]!;
+  keyPool.copy(key, 0, keyAt, keyAt + 4);
   keyAt += 4;
 }
 
-/** XORs `data` in place with the 4-byte key at `key[at..at+4)`, repeated (RFC 6455 section 5.3). */
-export function maskInPlace(data: Buffer, key: Buffer, at: number): void {
-  const k = at === 0 && key.length === 4 ? key : key.subarray(at, at + 4);
-  if (native !== undefined && data.length >= NATIVE_FROM) native.mask(data, k, data, 0, data.length);
-  else maskInJavaScript(data, k);
+/** XORs `data` in place with the 4-byte `key`, repeated (RFC 6455 section 5.3). */
+export function maskInPlace(data: Buffer, key: Buffer): void {
+  if (native !== undefined && data.length >= NATIVE_FROM) native.mask(data, key, data, 0, data.length);
+  else maskInJavaScript(data, key);
 }
 
 /**

@@ -220,8 +220,9 @@ class WsLink implements Link {
       if (this.masking === 'zero') {
         frame.fill(0, head - 4, head);
       } else {
-        writeMaskKey(frame, head - 4);
-        maskInPlace(record, frame, head - 4);
+        const key = frame.subarray(head - 4, head);
+        writeMaskKey(key);
+        maskInPlace(record, key);
       }
     }
     this.socket.write(frame);

@@ -185,11 +185,10 @@ test('zeroMask: client frames carry the all-zero key and the payload as it is', 
 });
 
 test('masking XORs with the key repeated, at any length and alignment, natively and in JavaScript; twice gives the data back', () => {
-  const key = Buffer.alloc(12);
-  writeMaskKey(key, 5);
-  const k = key.subarray(5, 9);
+  const k = Buffer.alloc(4);
+  writeMaskKey(k);
   const ways: [string, (data: Buffer) => void][] = [
-    ['maskInPlace', (data) => maskInPlace(data, key, 5)],
+    ['maskInPlace', (data) => maskInPlace(data, k)],
     ['maskInJavaScript', (data) => maskInJavaScript(data, k)],
   ];
   for (const [name, mask] of ways) {
