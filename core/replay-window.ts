@@ -31,6 +31,29 @@ const RING = 4;
 const SLOTS = RING + RING_WORDS;
 const TWO_POW_32 = 0x1_0000_0000;
 
+/*
+ * The lock of a shared window: LOCK is 0 (free), 1 (held) or 2 (held, and
+ * a thread may sleep on it). It is held for a few dozen instructions and
+ * never across a call out, so a thread that finds it held spins; only one
+ * that spun long (the holder was descheduled) sleeps, and marks it 2 so
+ * the release wakes it. An uncontended release is one exchange: no futex
+ * call, which in V8 takes a process-wide mutex.
+ */
+const SPINS = 1000;
+
+function lock(s: Int32Array<ArrayBufferLike>): void {
+  if (Atomics.compareExchange(s, LOCK, 0, 1) === 0) return;
+  for (let spins = 0; spins < SPINS; spins++) {
+    if (Atomics.load(s, LOCK) === 0 && Atomics.compareExchange(s, LOCK, 0, 1) === 0) return;
+  }
+  // Whoever takes it from here leaves it at 2, so its release wakes the next sleeper (at worst one needless wake).
+  while (Atomics.exchange(s, LOCK, 2) !== 0) Atomics.wait(s, LOCK, 2, 1);
+}
+
+function unlock(s: Int32Array<ArrayBufferLike>): void {
+  if (Atomics.exchange(s, LOCK, 0) === 2) Atomics.notify(s, LOCK, 1);
+}
+
 export class ReplayWindow {
   /** Counters at least this far behind the highest accepted one are refused. */
   static readonly SIZE = (RING_WORDS - 1) * WORD_BITS;
@@ -59,15 +82,11 @@ export class ReplayWindow {
     if (!Number.isInteger(counter) || counter < 0 || counter >= limit) return false;
     if (!this.shared) return this.mark(counter);
     const s = this.state;
-    // Held for a few dozen instructions, never across a call out: spinning is cheaper than sleeping.
-    for (let spins = 0; Atomics.compareExchange(s, LOCK, 0, 1) !== 0; spins++) {
-      if (spins >= 1000) Atomics.wait(s, LOCK, 1, 1);
-    }
+    lock(s);
     try {
       return this.mark(counter);
     } finally {
-      Atomics.store(s, LOCK, 0);
-      Atomics.notify(s, LOCK, 1);
+      unlock(s);
     }
   }
 

@@ -136,4 +136,32 @@ test('two threads offering the same counters to a shared window accept each exac
   }
 });
 
+test('a thread that finds a shared window locked long sleeps, marks the lock, and goes on once it is released', async () => {
+  // White box: the lock is the window's first Int32 (0 free, 1 held, 2 held with a sleeper).
+  const w = new ReplayWindow();
+  const buffer = w.share();
+  const lockWord = new Int32Array(buffer, 0, 1);
+  Atomics.store(lockWord, 0, 1); // held, as by a thread descheduled inside accept()
+  const start = new Int32Array(new SharedArrayBuffer(4), 0, 1);
+  Atomics.store(start, 0, 1);
+  const worker = startTsWorker(new URL('./fixtures/replay-window-worker.ts', import.meta.url), { workerData: { buffer, from: 5, to: 6, start: start.buffer } });
+  try {
+    const theirs = new Promise<number[]>((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+    const deadline = Date.now() + 10_000;
+    while (Atomics.load(lockWord, 0) !== 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    assert.is(Atomics.load(lockWord, 0), 2, 'the waiting thread marked the lock: its release must wake it');
+    assert.ok(w.check(5), 'nothing accepted while the lock is held');
+    // Released as accept() releases it: free, then a wake for the sleeper.
+    if (Atomics.exchange(lockWord, 0, 0) === 2) Atomics.notify(lockWord, 0, 1);
+    assert.equal(await withTimeout(theirs, 10_000, "the worker's accept"), [5]);
+    assert.not.ok(w.check(5), 'accepted once the lock was free');
+    assert.is(Atomics.load(lockWord, 0), 0, 'and the lock is left free');
+  } finally {
+    await worker.terminate();
+  }
+});
+
 test.run();

@@ -124,10 +124,19 @@ class Keys {
   constructor(
     readonly sink: Sink,
     readonly key: Buffer,
-    readonly bornAt: number,
-    readonly rejectAfterMs: number,
+    /** performance.now() from which records under these keys are refused: main's bornAt + rejectAfterMs, on this thread's clock. */
+    readonly rejectAt: number,
     readonly window: ReplayWindow,
   ) {}
+}
+
+/**
+ * This thread's performance.now() at the wall-clock time `epochMs`. A
+ * record's age is checked on this clock: performance.now() is a fast call
+ * where Date.now() enters V8's runtime, and it is read per datagram anyway.
+ */
+function threadTime(epochMs: number): number {
+  return performance.now() + (epochMs - Date.now());
 }
 
 const sinks = new Map<number, Sink>();
@@ -208,7 +217,7 @@ function apply(cmd: PacketCommand): void {
     case 'keys': {
       const sink = sinks.get(cmd.sink);
       if (sink === undefined) break;
-      keys.set(cmd.index, new Keys(sink, Buffer.from(cmd.key), cmd.bornAt, cmd.rejectAfterMs, ReplayWindow.attach(cmd.window)));
+      keys.set(cmd.index, new Keys(sink, Buffer.from(cmd.key), threadTime(cmd.bornAt + cmd.rejectAfterMs), ReplayWindow.attach(cmd.window)));
       break;
     }
     case 'drop':
@@ -284,6 +293,10 @@ function copyOf(bytes: Uint8Array): Uint8Array {
 class PacketPath {
   private readonly rx = Buffer.allocUnsafe(65536);
   private readonly tx = Buffer.allocUnsafe(65536);
+  /** Views made once, not per packet: a record's header (its AD) in rx and tx, and where a packet read from the TUN lands. */
+  private readonly rxHeader = this.rx.subarray(0, DATA_HEADER);
+  private readonly txHeader = this.tx.subarray(0, DATA_HEADER);
+  private readonly txPacket = this.tx.subarray(PACKET_OFFSET);
   /** A packet went into a TUN since the last look: its answer may be queued there already. */
   wroteToTun = false;
   /** When the last datagram and the last TUN packet were read (performance.now()). */
@@ -313,8 +326,8 @@ class PacketPath {
       const n = this.udp.receive(buf);
       if (n < 0) break;
       Atomics.add(this.counts, CTRL_RECEIVED, 1);
-      this.datagram(buf, n, this.udp.from);
       const now = performance.now();
+      this.datagram(n, this.udp.from, now);
       if (this.datagramBursts.tick(now)) {
         // Coming fast: main's batched path reads from now on, as before this thread (its core does the work).
         udpOwned = false;
@@ -335,12 +348,11 @@ class PacketPath {
   readTun(): number {
     const r = reader;
     if (r === null || Atomics.load(r.ctrl, CTRL_READER) !== READER_MAIN) return 0;
-    const tx = this.tx;
     let got = 0;
     for (; got < BATCH; got++) {
       let n: number;
       try {
-        n = r.io.read(tx.subarray(PACKET_OFFSET));
+        n = r.io.read(this.txPacket);
       } catch {
         closeReader(); // the device is going away; main hears of it from the device
         return got;
@@ -374,7 +386,9 @@ class PacketPath {
     }
   }
 
-  private datagram(buf: Buffer, n: number, from: string): void {
+  /** The datagram of `n` bytes in rx, from `from`, read at `now` (performance.now()). */
+  private datagram(n: number, from: string, now: number): void {
+    const buf = this.rx;
     if (n < DATA_HEADER + TAG_LENGTH || buf[0] !== MSG_DATA) {
       postRaw(buf, n, from);
       return;
@@ -390,7 +404,7 @@ class PacketPath {
         return;
       }
     }
-    const verdict = this.open(k, buf, n, from);
+    const verdict = this.open(k, n, from, now);
     if (verdict === OPENED_FOR_MAIN) {
       // Main decides: control records, another address (roaming), a source the sink refuses.
       const copy = copyOf(buf.subarray(DATA_HEADER, n - TAG_LENGTH));
@@ -403,16 +417,18 @@ class PacketPath {
   }
 
   /**
-   * Check and open the DATA record of `n` bytes in `buf` under `k`, in place,
-   * and count it on the sink when it is the thread's to finish.
+   * Check and open the DATA record of `n` bytes in rx under `k`, in place,
+   * and count it on the sink when it is the thread's to finish. `now`:
+   * performance.now() when it was read.
    */
-  private open(k: Keys, buf: Buffer, n: number, from: string): Verdict {
+  private open(k: Keys, n: number, from: string, now: number): Verdict {
+    const buf = this.rx;
     const counter = buf.readUInt32LE(5) + buf.readUInt32LE(9) * 0x1_0000_0000;
     if (!k.window.check(counter, MAX_COUNTER)) return DROPPED;
-    if (Date.now() - k.bornAt >= k.rejectAfterMs) return DROPPED;
+    if (now >= k.rejectAt) return DROPPED;
     const end = n - TAG_LENGTH;
     const plaintext = buf.subarray(DATA_HEADER, end);
-    if (!this.aead.decryptInto(k.key, counter, buf.subarray(0, DATA_HEADER), buf.subarray(DATA_HEADER, n), plaintext)) return DROPPED;
+    if (!this.aead.decryptInto(k.key, counter, this.rxHeader, buf.subarray(DATA_HEADER, n), plaintext)) return DROPPED;
     if (!k.window.accept(counter, MAX_COUNTER)) return DROPPED; // main took it meanwhile
     const sink = k.sink;
     let packets = false;
@@ -466,7 +482,7 @@ class PacketPath {
     tx.writeUInt32BE(0, DATA_HEADER + 2);
     tx.writeUInt16BE(n, DATA_HEADER + 6);
     const plainEnd = PACKET_OFFSET + n;
-    this.aead.encryptInto(send.key, counter, tx.subarray(0, DATA_HEADER), tx.subarray(DATA_HEADER, plainEnd), tx.subarray(DATA_HEADER, plainEnd + TAG_LENGTH));
+    this.aead.encryptInto(send.key, counter, this.txHeader, tx.subarray(DATA_HEADER, plainEnd), tx.subarray(DATA_HEADER, plainEnd + TAG_LENGTH));
     return plainEnd + TAG_LENGTH;
   }
 
@@ -478,12 +494,12 @@ class PacketPath {
   opensWhatItSeals(rounds: number): boolean {
     const send = new SendState(randomBytes(32), WARM_INDEXES[0], new BigInt64Array(new SharedArrayBuffer(8)));
     const sink = new Sink(-1, new TunQueueIo(-1, data.wakeFd), WARM_SOURCE, null, WARM_PACKET.length, new Int32Array(new SharedArrayBuffer(STAT_SLOTS * 4)), null, undefined);
-    const k = new Keys(sink, send.key, Date.now(), 60_000, ReplayWindow.attach(new ReplayWindow().share()));
+    const k = new Keys(sink, send.key, performance.now() + 60_000, ReplayWindow.attach(new ReplayWindow().share()));
     for (let i = 0; i < rounds; i++) {
       this.tx.set(WARM_PACKET, PACKET_OFFSET);
       const length = this.sealRecord(send, WARM_PACKET.length);
       this.rx.set(this.tx.subarray(0, length));
-      if (this.open(k, this.rx, length, '') !== OPENED_PACKETS) return false;
+      if (this.open(k, length, '', performance.now()) !== OPENED_PACKETS) return false;
     }
     return true;
   }
@@ -630,7 +646,7 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
     const warmReader = new Reader(new TunQueueIo(readerFd, data.wakeFd), new Int32Array(new SharedArrayBuffer(PUMP_CTRL_SLOTS * 4)), -1, calmReads);
     reader = warmReader;
     const sending = WARM_INDEXES.map((index) => new SendState(randomBytes(32), index, new BigInt64Array(new SharedArrayBuffer(8))));
-    for (const send of sending) keys.set(send.remoteIndex, new Keys(sink, send.key, Date.now(), ms + 60_000, ReplayWindow.attach(new ReplayWindow().share())));
+    for (const send of sending) keys.set(send.remoteIndex, new Keys(sink, send.key, performance.now() + ms + 60_000, ReplayWindow.attach(new ReplayWindow().share())));
 
     const back = Buffer.allocUnsafe(2048);
     const until = performance.now() + ms;
