@@ -1,6 +1,7 @@
 /**
- * A dialed TCP socket whose reads land in reused memory (net.connect's
- * `onread`) instead of a fresh 64 KiB buffer per read.
+ * A TCP socket whose reads land in reused memory (net.Socket's `onread`)
+ * instead of a fresh 64 KiB buffer per read: one dialed with connectPooled,
+ * or an accepted one reopened with reopenPooled (core/reopen-socket.ts).
  *
  * Why: Node reads every chunk of a socket into new malloc memory that lives
  * until a scavenge frees its JavaScript object. A server relaying a download
@@ -30,6 +31,7 @@
  * contract is a plain Duplex), and the server's splice takes the pooled path.
  */
 import { connect, type NetConnectOpts, type Socket } from 'node:net';
+import { reopenWithOnread } from './reopen-socket.ts';
 import type { Duplex } from 'node:stream';
 
 /** Node's own read size for stream sockets. */
@@ -54,6 +56,21 @@ const readers = new WeakMap<Duplex, PooledReader>();
 export function connectPooled(options: NetConnectOpts): Socket {
   const reader = new PooledReader();
   const socket = connect({ ...options, onread: { buffer: reader.nextBuffer, callback: reader.onRead } });
+  reader.socket = socket;
+  readers.set(socket, reader);
+  return socket;
+}
+
+/**
+ * An accepted socket, reopened to read through the pool (at accept, before
+ * it was read: see core/reopen-socket.ts for the rules), and paused; or
+ * `accepted` itself where it cannot be reopened. Either way an ordinary
+ * socket until attachPooledSink gives it a sink.
+ */
+export function reopenPooled(accepted: Socket, options: { allowHalfOpen?: boolean } = {}): Socket {
+  const reader = new PooledReader();
+  const socket = reopenWithOnread(accepted, { buffer: reader.nextBuffer, callback: reader.onRead }, options);
+  if (socket === null) return accepted;
   reader.socket = socket;
   readers.set(socket, reader);
   return socket;

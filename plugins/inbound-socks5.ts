@@ -14,6 +14,7 @@ import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
 import { formatHostPort, parseHostPort } from '../core/hostport.ts';
 import { embeddedIpv4, formatIp, ipFromBytes, ipToBytes, parseIp, type IpAddress } from '../core/cidr.ts';
+import { reopenPooled } from '../core/pooled-reads.ts';
 import { Roster } from '../core/roster.ts';
 import { splice } from '../core/splice.ts';
 import type { InboundPlugin, Logger, Target, Tunnel, TunnelUdp } from '../core/types.ts';
@@ -371,15 +372,17 @@ export default definePlugin<'inbound', Options>({
       };
 
       socket.on('data', onData);
+      socket.resume(); // accepted paused (pauseOnConnect)
     };
 
     const plugin: InboundPlugin = {
       name: 'socks5',
       start(tunnel) {
         if (closed) return Promise.reject(new DshieldError(ErrorCodes.LISTEN, 'inbound socks5 was closed'));
-        const srv = createServer({ allowHalfOpen: true, noDelay: true }, (socket) => {
+        // Accepted paused, so that nothing is read before the socket is reopened to read into reused memory (uploads).
+        const srv = createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: true }, (socket) => {
           if (closed) socket.destroy();
-          else handle(socket, tunnel);
+          else handle(reopenPooled(socket, { allowHalfOpen: true }), tunnel);
         });
         server = srv;
         return new Promise((resolve, reject) => {

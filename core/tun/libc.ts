@@ -3,11 +3,13 @@
  * create the device and set its MTU), poll, eventfd, fcntl (dup), and
  * read/write that report EAGAIN as a return value instead of a thrown Error;
  * and for a packet thread's warm-up, sockets of its own (socketpair, bind,
- * getsockname).
+ * getsockname). Outside TUN mode, fcntl alone: core/reopen-socket.ts
+ * duplicates an accepted socket's descriptor with it.
  *
- * Loaded lazily through koffi (an FFI with prebuilt binaries), so proxy mode
- * and non-Linux systems never load it. Safe to call from any thread: each
- * worker that calls `libc()` gets its own bindings.
+ * Loaded lazily through koffi (an FFI with prebuilt binaries), so a
+ * process that needs none of it never loads it, and non-Linux systems
+ * never do. Safe to call from any thread: each worker that calls `libc()`
+ * gets its own bindings.
  */
 import { createRequire } from 'node:module';
 import { DshieldError, ErrorCodes } from '../errors.ts';
