@@ -11,9 +11,10 @@
  * client's CPU for a 512 MiB upload through SOCKS5 over tcp from
  * 1.04-1.15 to 0.90-0.98 s (four alternating rounds each).
  *
- * How: the accepted socket's descriptor is duplicated (fcntl
- * F_DUPFD_CLOEXEC, through koffi), a new net.Socket is made over the
- * duplicate with `onread`, and the accepted one is destroyed. That closes
+ * How: the accepted socket's descriptor (its handle's `fd`) is duplicated
+ * (fcntl F_DUPFD_CLOEXEC, through koffi), a new net.Socket is made over
+ * the duplicate with `onread` (both documented options of the
+ * constructor), and the accepted one is destroyed. That closes
  * only its own descriptor: the connection, its options (TCP_NODELAY,
  * keepalive) and anything the kernel has queued live on in the duplicate.
  *
@@ -44,6 +45,7 @@ interface HandleWithFd {
  * where that cannot be done (see the rules above).
  */
 export function reopenWithOnread(accepted: Socket, onread: OnReadOpts, options: { allowHalfOpen?: boolean } = {}): Socket | null {
+  // The one undocumented read: the descriptor of Node's handle. Where it is missing, nothing changes.
   const fd = (accepted as unknown as { _handle?: HandleWithFd | null })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0 || accepted.readableLength > 0 || accepted.writableLength > 0 || accepted.destroyed) return null;
   let copy: number;
@@ -53,14 +55,13 @@ export function reopenWithOnread(accepted: Socket, onread: OnReadOpts, options: 
     return null; // no libc through koffi here: Node's reads it is
   }
   if (copy < 0) return null;
-  // Node reads `onread` and `pauseOnCreate` here too (its net.Server passes the latter); @types/node lists them for connect only.
-  const made: SocketConstructorOpts & { onread: OnReadOpts; pauseOnCreate: boolean } = {
+  // `onread` is a documented option of the constructor too; @types/node (20) lists it for connect only.
+  const made: SocketConstructorOpts & { onread: OnReadOpts } = {
     fd: copy,
     readable: true,
     writable: true,
     allowHalfOpen: options.allowHalfOpen ?? false,
     onread,
-    pauseOnCreate: true,
   };
   let socket: Socket;
   try {
@@ -69,6 +70,8 @@ export function reopenWithOnread(accepted: Socket, onread: OnReadOpts, options: 
     libc().close(copy);
     return null;
   }
+  // It starts reading at once; paused in the same turn, before any read can complete.
+  socket.pause();
   accepted.destroy();
   return socket;
 }
