@@ -372,7 +372,7 @@ export default definePlugin<'inbound', Options>({
       };
 
       socket.on('data', onData);
-      socket.resume(); // accepted paused (pauseOnConnect)
+      socket.resume(); // it starts paused: accepted with pauseOnConnect, or reopened paused
     };
 
     const plugin: InboundPlugin = {
