@@ -504,6 +504,65 @@ test('packets written one at a time are written by the main thread; a burst goes
   await dev.close();
 });
 
+test('a burst of one TCP flow written into the device reaches the socket whole; the pump writes it as merged runs', async () => {
+  const dev = await upTun({ name: 'dshgro%d' }, '10.17.0.1/24');
+  const received: Buffer[] = [];
+  // The reset at the end is expected: the socket's error is not a failure.
+  const server = createServer((s) => s.on('data', (d) => received.push(d)).on('error', () => {}));
+  cleanups.push(() => server.close());
+  await new Promise<void>((r) => server.listen(0, '10.17.0.1', () => r()));
+  const port = (server.address() as { port: number }).port;
+  // The peer behind the device, 10.17.0.2:40000, is made of crafted packets (no TCP options).
+  const us = [10, 17, 0, 2];
+  const them = [10, 17, 0, 1];
+  const tcp = (seq: number, ack: number, flags: number, payload = Buffer.alloc(0)) => {
+    const p = Buffer.alloc(40 + payload.length);
+    p[0] = 0x45;
+    p.writeUInt16BE(p.length, 2);
+    p[6] = 0x40;
+    p[8] = 64;
+    p[9] = 6;
+    p.set(us, 12);
+    p.set(them, 16);
+    p.writeUInt16BE(checksum([p.subarray(0, 20)]), 10);
+    p.writeUInt16BE(40000, 20);
+    p.writeUInt16BE(port, 22);
+    p.writeUInt32BE(seq >>> 0, 24);
+    p.writeUInt32BE(ack >>> 0, 28);
+    p[32] = 0x50;
+    p[33] = flags;
+    p.writeUInt16BE(65535, 34);
+    payload.copy(p, 40);
+    const pseudo = Buffer.from([...us, ...them, 0, 6, 0, 0]);
+    pseudo.writeUInt16BE(20 + payload.length, 10);
+    p.writeUInt16BE(checksum([pseudo, p.subarray(20)]), 36);
+    return p;
+  };
+  let synAck: Buffer | undefined;
+  dev.onPacket((p) => {
+    if (p[9] === 6 && p.readUInt16BE(22) === 40000 && (p[33]! & 0x12) === 0x12) synAck = Buffer.from(p);
+  });
+  dev.write(tcp(1000, 0, 0x02));
+  await waitFor('the SYN-ACK', () => synAck !== undefined);
+  const ack = synAck!.readUInt32BE(24) + 1;
+  dev.write(tcp(1001, ack, 0x10));
+  // Small segments, so that many fit the socket's first window (Linux opens with about ten of its MSS).
+  const window = synAck!.readUInt16BE(34);
+  const segments = Math.min(120, Math.floor(window / 100));
+  assert.ok(segments >= 60, `a window of ${window} bytes takes enough segments for a burst`);
+  const data = Buffer.from(Array.from({ length: segments * 100 }, (_, i) => (i * 7) & 0xff));
+  for (let i = 0; i < segments; i++) {
+    assert.ok(dev.write(tcp(1001 + i * 100, ack, i === segments - 1 ? 0x18 : 0x10, data.subarray(i * 100, (i + 1) * 100))), `segment ${i} accepted`);
+  }
+  await waitFor('every byte at the socket', () => received.reduce((n, b) => n + b.length, 0) >= data.length);
+  assert.equal(Buffer.concat(received), data, 'whole and in order');
+  const s = dev.stats();
+  assert.ok(s.txMerged > 0 && s.txMerged < segments, `the pump merged runs: ${JSON.stringify(s)}`);
+  assert.is(s.txErrors, 0, 'the kernel took every write');
+  dev.write(tcp(1001 + data.length, ack, 0x04)); // a reset: the socket is gone before the device
+  await dev.close();
+});
+
 test('mainThreadReads: false leaves every read to the pump', async () => {
   const dev = await upTun({ name: 'dshrp%d', mainThreadReads: false }, '10.14.0.1/24');
   const seqs = udpSequences(dev);

@@ -22,6 +22,7 @@ import { ReplayGuard, type Session } from '../core/session.ts';
 import { acceptDatagramSessions, connectDatagramSession } from '../core/session-datagram.ts';
 import { CTRL_SLOTS, READER_MAIN, CTRL_READER } from '../core/tun/pump-protocol.ts';
 import { createWakeFd } from '../core/tun/queue-io.ts';
+import { VNET_HDR_LEN } from '../core/tun/tcp-coalesce.ts';
 import { AF_UNIX, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, libc } from '../core/tun/libc.ts';
 import type { AuthPlugin, CipherPlugin, DatagramTransportPlugin, Logger, TunReaderHooks } from '../core/types.ts';
 import { generateKeyPair } from '../core/x25519.ts';
@@ -51,13 +52,22 @@ function ipv4(src: string, dst: string, payload: Buffer): Buffer {
   return p;
 }
 
-/** The next packet on `fd` (non-blocking), polled for up to `ms`. */
+/** Put `packet` into the "TUN" as the kernel would: behind a vnet header that asks nothing (the device has IFF_VNET_HDR). */
+function writePacket(fd: number, packet: Buffer): void {
+  const frame = Buffer.concat([Buffer.alloc(VNET_HDR_LEN), packet]);
+  libc().write(fd, frame, frame.length);
+}
+
+/** The next packet on `fd` (non-blocking), polled for up to `ms`, without its vnet header (which must ask nothing of the kernel). */
 async function readPacket(fd: number, ms: number): Promise<Buffer> {
   const buf = Buffer.alloc(65536);
   const deadline = Date.now() + ms;
   for (;;) {
     const n = libc().read(fd, buf, buf.length);
-    if (n > 0) return Buffer.from(buf.subarray(0, n));
+    if (n > 0) {
+      assert.equal(buf.subarray(0, VNET_HDR_LEN), Buffer.alloc(VNET_HDR_LEN), 'a lone packet is written behind an empty vnet header');
+      return Buffer.from(buf.subarray(VNET_HDR_LEN, n));
+    }
     if (Date.now() > deadline) throw new Error(`no packet within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 5));
   }
@@ -191,7 +201,7 @@ for (const [name, def] of [
       const outbound = ipv4('10.66.0.2', '203.0.113.5', Buffer.from('from the client'));
       const frame = encodeFrame(FrameType.PACKET, 0, outbound);
       for (let i = 0; i < 10; i++) {
-        libc().write(testFd, outbound, outbound.length);
+        writePacket(testFd, outbound);
         await until(`packet ${i} at the server`, () => pair.toServer.filter((m) => m.equals(frame)).length === i + 1);
         const own = Buffer.from(`main ${i}`);
         pair.client.send(own);
@@ -203,7 +213,7 @@ for (const [name, def] of [
       // Reading stops on request (the device is closing): nothing more is read from the "TUN".
       lentTo!.revoke();
       await new Promise((r) => setTimeout(r, 50));
-      libc().write(testFd, outbound, outbound.length);
+      writePacket(testFd, outbound);
       await new Promise((r) => setTimeout(r, 200));
       assert.is(pair.toServer.filter((m) => m.equals(frame)).length, 10, 'not read after revoke');
     } finally {
@@ -246,10 +256,10 @@ test('a packet the thread reads but cannot route goes to readBack', async () => 
     const elsewhere = ipv4('203.0.113.5', '10.66.0.9', Buffer.from('for nobody here'));
     const mine = ipv4('203.0.113.5', '10.66.0.2', Buffer.from('for alice'));
     // It waits in the "TUN" until the thread reads (one at a time: a burst would be handed to the pump).
-    libc().write(testFd, elsewhere, elsewhere.length);
+    writePacket(testFd, elsewhere);
     await until('the unroutable packet in readBack', () => readBack.length > 0);
     assert.equal(readBack[0], elsewhere);
-    libc().write(testFd, mine, mine.length);
+    writePacket(testFd, mine);
     const frame = encodeFrame(FrameType.PACKET, 0, mine);
     await until('the routed packet at the client', () => pair.toClient.some((m) => m.equals(frame)));
     stop!();

@@ -51,6 +51,7 @@ import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { ReplayWindow } from '../replay-window.ts';
 import { TunQueueIo, wake } from '../tun/queue-io.ts';
+import { VNET_HDR_LEN } from '../tun/tcp-coalesce.ts';
 import { AF_INET, AF_UNIX, F_DUPFD_CLOEXEC, POLLIN, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, libc } from '../tun/libc.ts';
 import { BurstMeter, TUN_BURST } from '../tun/burst-meter.ts';
 import { CTRL_READER, CTRL_SLOTS as PUMP_CTRL_SLOTS, READER_MAIN, READER_PUMP } from '../tun/pump-protocol.ts';
@@ -293,10 +294,9 @@ function copyOf(bytes: Uint8Array): Uint8Array {
 class PacketPath {
   private readonly rx = Buffer.allocUnsafe(65536);
   private readonly tx = Buffer.allocUnsafe(65536);
-  /** Views made once, not per packet: a record's header (its AD) in rx and tx, and where a packet read from the TUN lands. */
+  /** Views made once, not per packet: a record's header (its AD) in rx and tx. */
   private readonly rxHeader = this.rx.subarray(0, DATA_HEADER);
   private readonly txHeader = this.tx.subarray(0, DATA_HEADER);
-  private readonly txPacket = this.tx.subarray(PACKET_OFFSET);
   /** A packet went into a TUN since the last look: its answer may be queued there already. */
   wroteToTun = false;
   /** When the last datagram and the last TUN packet were read (performance.now()). */
@@ -352,7 +352,7 @@ class PacketPath {
     for (; got < BATCH; got++) {
       let n: number;
       try {
-        n = r.io.read(this.txPacket);
+        n = r.io.read(this.tx, PACKET_OFFSET); // the device's vnet header lands in the record's header, written after
       } catch {
         closeReader(); // the device is going away; main hears of it from the device
         return got;
@@ -450,7 +450,8 @@ class PacketPath {
     for (let at = DATA_HEADER + 1; at < end; ) {
       const len = buf.readUInt16BE(at + 5);
       const body = at + FRAME_HEADER;
-      sink.io.write(buf.subarray(body, body + len)); // a packet the kernel refuses is dropped, as a NIC would
+      // In place: the device's vnet header goes over the frame header before the packet. A packet the kernel refuses is dropped, as a NIC would.
+      sink.io.writeAt(buf, body, len);
       at = body + len;
     }
     this.wroteToTun = true;
@@ -561,6 +562,14 @@ const WARM_PACKET_UNROUTED = (() => {
   p.writeUInt32BE(WARM_SOURCE + 1, 16);
   return p;
 })();
+/** The packets as the warm-up's stand-in for the TUN carries them: behind a vnet header. */
+const WARM_FRAME = framed(WARM_PACKET);
+const WARM_FRAME6 = framed(WARM_PACKET6);
+const WARM_FRAME_UNROUTED = framed(WARM_PACKET_UNROUTED);
+
+function framed(packet: Buffer): Buffer {
+  return Buffer.concat([Buffer.alloc(VNET_HDR_LEN), packet]);
+}
 
 function warmPacket(version: 4 | 6): Buffer {
   if (version === 4) {
@@ -680,7 +689,8 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
         if ((waiter.wait(mine.fd, -1, WARM_UP_WAIT_MS) & READY_UDP) === 0 || path.receive() !== 1) break;
         continue;
       }
-      const packet = variant === TO_MAIN_TUN ? WARM_PACKET_UNROUTED : (done & 4) === 0 ? WARM_PACKET : WARM_PACKET6;
+      // As the kernel would on a TUN: each packet behind a vnet header (device.ts).
+      const packet = variant === TO_MAIN_TUN ? WARM_FRAME_UNROUTED : (done & 4) === 0 ? WARM_FRAME : WARM_FRAME6;
       if (c.write(hostFd, packet, packet.length) !== packet.length) break;
       if ((waiter.wait(-1, readerFd, WARM_UP_WAIT_MS) & READY_TUN) === 0 || path.readTun() !== 1) break;
       if (variant === TO_MAIN_TUN) continue;

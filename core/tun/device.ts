@@ -2,10 +2,14 @@
  * A Linux TUN device: IP packets in and out of the kernel's network stack.
  *
  * `openTunQueues` opens /dev/net/tun once per queue and attaches each fd to
- * one device with the TUNSETIFF ioctl (IFF_TUN | IFF_NO_PI, plus
- * IFF_MULTI_QUEUE when queues > 1: the kernel then spreads flows over the
- * fds). It returns raw fds, for a caller that runs its own worker per queue
- * (read, seal, send in one thread) with TunQueueIo (queue-io.ts).
+ * one device with the TUNSETIFF ioctl (IFF_TUN | IFF_NO_PI | IFF_VNET_HDR,
+ * plus IFF_MULTI_QUEUE when queues > 1: the kernel then spreads flows over
+ * the fds). It returns raw fds, for a caller that runs its own worker per
+ * queue (read, seal, send in one thread) with TunQueueIo (queue-io.ts).
+ * Every read and write on them starts with a virtio_net_hdr: it lets a
+ * writer hand the kernel a run of one TCP flow's segments as one packet
+ * (tcp-coalesce.ts). No offloads are asked for reading (TUNSETOFFLOAD), so
+ * what the kernel hands over is always one plain, checksummed packet.
  *
  * `openTun` adds a main-thread API on top: one pump worker per queue moves
  * packets between the fd and the main thread through shared-memory rings
@@ -32,6 +36,7 @@ import {
   IFF_MULTI_QUEUE,
   IFF_NO_PI,
   IFF_TUN,
+  IFF_VNET_HDR,
   IFF_TUN_EXCL,
   IFNAMSIZ,
   IFREQ_SIZE,
@@ -49,6 +54,7 @@ import {
   CTRL_SLOTS,
   CTRL_STOP,
   CTRL_TX_ERRORS,
+  CTRL_TX_MERGED,
   READER_MAIN,
   READER_PUMP,
   READER_PUMP_ONLY,
@@ -58,6 +64,7 @@ import { createWakeFd, TunQueueIo, wake } from './queue-io.ts';
 import { PacketRing } from './ring.ts';
 import { startTsWorker } from './ts-worker.ts';
 import { BurstMeter, TUN_BURST } from './burst-meter.ts';
+import { VNET_HDR_LEN } from './tcp-coalesce.ts';
 import type { TunReaderHooks, TunReaderLoan } from '../types.ts';
 
 export const DEFAULT_TUN_NAME = 'dshield%d';
@@ -186,7 +193,7 @@ export function openTunQueues(opts: TunOptions = {}): TunQueues {
     for (const fd of fds) closeQuietly(fd);
   };
   try {
-    const flags = IFF_TUN | IFF_NO_PI | (queues > 1 ? IFF_MULTI_QUEUE : 0);
+    const flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | (queues > 1 ? IFF_MULTI_QUEUE : 0);
     let name = wanted;
     for (let i = 0; i < queues; i++) {
       const fd = openQueueFd();
@@ -219,6 +226,8 @@ export interface TunStats {
   txDropped: number;
   /** Packets the kernel refused (malformed, device down). */
   txErrors: number;
+  /** Of txPackets, those the pumps wrote as part of the run of TCP segments before them, in one write (tcp-coalesce.ts). */
+  txMerged: number;
 }
 
 export interface TunDevice {
@@ -435,8 +444,8 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
       });
     }
   };
-  /** A packet from a pump's ring (a view of shared memory). */
-  const deliver = (packet: Uint8Array) => deliverBuffer(Buffer.from(packet.buffer, packet.byteOffset, packet.length), false);
+  /** A packet from a pump's ring (a view of shared memory), behind the device's vnet header. */
+  const deliver = (record: Uint8Array) => deliverBuffer(Buffer.from(record.buffer, record.byteOffset + VNET_HDR_LEN, record.length - VNET_HDR_LEN), false);
 
   /** A packet the main thread read itself; false when it handed reading to the pump. */
   function readDirect(q: QueueState, packet: Buffer): boolean {
@@ -610,8 +619,12 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     write,
     stats() {
       let txErrors = directTxErrors;
-      for (const q of queues) txErrors += Atomics.load(q.ctrl, CTRL_TX_ERRORS);
-      return { ...stats, txErrors };
+      let txMerged = 0;
+      for (const q of queues) {
+        txErrors += Atomics.load(q.ctrl, CTRL_TX_ERRORS);
+        txMerged += Atomics.load(q.ctrl, CTRL_TX_MERGED) >>> 0;
+      }
+      return { ...stats, txErrors, txMerged };
     },
     close,
   };

@@ -51,6 +51,8 @@ export const SIOCSIFMTU = 0x8922;
 export const SIOCGIFMTU = 0x8921;
 export const IFF_TUN = 0x0001;
 export const IFF_NO_PI = 0x1000;
+/** Every read and write on the fd starts with a struct virtio_net_hdr (tcp-coalesce.ts). */
+export const IFF_VNET_HDR = 0x4000;
 export const IFF_MULTI_QUEUE = 0x0100;
 /** With TUNSETIFF: fail with EBUSY instead of attaching to an existing device of that name. */
 export const IFF_TUN_EXCL = 0x8000;

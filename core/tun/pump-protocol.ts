@@ -42,4 +42,6 @@ export const PUMP_HAND_BACK_MS = 20;
 export const PUMP_HAND_BACK_BELOW = 16;
 /** errno of the fatal error, -1 if it was not a syscall error. */
 export const CTRL_ERRNO = 4;
+/** Packets the pump wrote merged into the run of TCP segments before them (tcp-coalesce.ts). */
+export const CTRL_TX_MERGED = 5;
 export const CTRL_SLOTS = 8;

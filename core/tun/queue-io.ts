@@ -1,7 +1,10 @@
 /**
  * Packet I/O on one TUN queue fd, for a thread that may block: read and write
  * one IP packet per call, and wait (poll) until the fd is readable or another
- * thread wakes us through an eventfd.
+ * thread wakes us through an eventfd. The device is opened with IFF_VNET_HDR
+ * (device.ts): every read and write carries a virtio_net_hdr first, which
+ * these calls take off and put on, so a run of TCP segments can be written as
+ * one packet (tcp-coalesce.ts).
  *
  * This is the building block for worker threads: the pump behind openTun's
  * main-thread API (queue-worker.ts) uses it, and so can a later worker that
@@ -15,6 +18,7 @@
  */
 import { DshieldError, ErrorCodes } from '../errors.ts';
 import { EAGAIN, EINTR } from '../errno.ts';
+import { MAX_IP_PACKET, VNET_HDR_LEN } from './tcp-coalesce.ts';
 import { EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLHUP, POLLIN, POLLNVAL, libc, type Libc } from './libc.ts';
 
 export type WaitResult = 'readable' | 'woken' | 'timeout';
@@ -26,6 +30,8 @@ export class TunQueueIo {
   private readonly pollfds = new Uint8Array(16);
   private readonly pollView: DataView;
   private readonly scratch8 = new Uint8Array(8);
+  /** Where write() puts a packet behind its header (made at the first write: most users only read). */
+  private framedBuffer: Uint8Array | undefined;
 
   /** `wakeFd`: an eventfd from `createWakeFd()` that `wake()` signals. */
   constructor(fd: number, wakeFd: number) {
@@ -36,14 +42,19 @@ export class TunQueueIo {
   }
 
   /**
-   * Read one packet into `into` (which should hold the MTU; a longer packet
-   * is truncated by the kernel). Returns its length, or 0 when none is queued.
-   * Throws DshieldError(TUN) on a real error (e.g. the device was removed).
+   * Read one packet so that it starts at `at` of `buf`: the VNET_HDR_LEN
+   * bytes before it take the device's virtio_net_hdr (at >= VNET_HDR_LEN;
+   * the device is opened with IFF_VNET_HDR and no offloads, so the kernel
+   * hands over plain whole packets and the header says nothing to act on).
+   * A packet longer than the rest of `buf` is truncated by the kernel.
+   * Returns the packet's length, or 0 when none is queued. Throws
+   * DshieldError(TUN) on a real error (e.g. the device was removed).
    */
-  read(into: Uint8Array): number {
+  read(buf: Uint8Array, at: number): number {
+    const frame = buf.subarray(at - VNET_HDR_LEN);
     for (;;) {
-      const n = this.c.read(this.fd, into, into.length);
-      if (n >= 0) return n;
+      const n = this.c.read(this.fd, frame, frame.length);
+      if (n >= 0) return n > VNET_HDR_LEN ? n - VNET_HDR_LEN : 0;
       const e = this.c.errno();
       if (e === EAGAIN) return 0;
       if (e === EINTR) continue;
@@ -52,15 +63,33 @@ export class TunQueueIo {
   }
 
   /**
-   * Write one whole IP packet. False when the kernel refused it (malformed
-   * packet: EINVAL; device down: EIO): the packet is dropped, as a NIC would.
+   * Write one whole IP packet, copied behind a header that asks nothing of
+   * the kernel. False when the kernel refused it (malformed packet: EINVAL;
+   * device down: EIO): the packet is dropped, as a NIC would.
    */
   write(packet: Uint8Array): boolean {
+    if (packet.length > this.framed.length - VNET_HDR_LEN) return false; // longer than any IP packet
+    this.framed.set(packet, VNET_HDR_LEN);
+    return this.writeFrame(this.framed.subarray(0, VNET_HDR_LEN + packet.length));
+  }
+
+  /** Write the packet of `length` bytes at `at` of `buf` in place; the VNET_HDR_LEN bytes before it are overwritten with the header. */
+  writeAt(buf: Uint8Array, at: number, length: number): boolean {
+    buf.fill(0, at - VNET_HDR_LEN, at);
+    return this.writeFrame(buf.subarray(at - VNET_HDR_LEN, at + length));
+  }
+
+  /** Write a frame that starts with its virtio_net_hdr (a TcpCoalescer's). */
+  writeFrame(frame: Uint8Array): boolean {
     for (;;) {
-      const n = this.c.write(this.fd, packet, packet.length);
+      const n = this.c.write(this.fd, frame, frame.length);
       if (n >= 0) return true;
       if (this.c.errno() !== EINTR) return false;
     }
+  }
+
+  private get framed(): Uint8Array {
+    return (this.framedBuffer ??= new Uint8Array(VNET_HDR_LEN + MAX_IP_PACKET));
   }
 
   /** errno of the last failed read/write on this thread. */

@@ -2,7 +2,7 @@
  * Worker entry: the pump between one TUN queue fd and the main thread.
  *
  *   TUN fd --read--> rx ring --(Atomics.notify)--> main thread onPacket
- *   main thread write() --> tx ring --(eventfd wake)--> write --> TUN fd
+ *   main thread write() --> tx ring --(eventfd wake)--> TcpCoalescer --write--> TUN fd
  *
  * The pump reads only while CTRL_READER says so (packets coming fast); when
  * none came for PUMP_HAND_BACK_MS it hands reading back to the main thread,
@@ -20,12 +20,14 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { TunQueueIo } from './queue-io.ts';
 import { PacketRing } from './ring.ts';
+import { TcpCoalescer, VNET_HDR_LEN } from './tcp-coalesce.ts';
 import {
   CTRL_ENDED,
   CTRL_ERRNO,
   CTRL_READER,
   CTRL_STOP,
   CTRL_TX_ERRORS,
+  CTRL_TX_MERGED,
   PUMP_HAND_BACK_BELOW,
   PUMP_HAND_BACK_MS,
   READER_MAIN,
@@ -51,12 +53,21 @@ function run(): void {
   // Packets read in the current hand-back window (see PUMP_HAND_BACK_BELOW).
   let windowStart = performance.now();
   let windowReads = 0;
+  // What the kernel refuses is counted per write: a merged run that fails counts once.
+  const coalescer = new TcpCoalescer((frame) => {
+    if (!io.writeFrame(frame)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
+  });
   const writeOne = (p: Uint8Array) => {
-    if (!io.write(p)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
+    if (!coalescer.push(p)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
+  };
+  // Written before the ring's space is released: main writes a packet itself only into an empty ring, so nothing may still wait here then.
+  const writeRest = () => {
+    coalescer.flush();
+    Atomics.add(ctrl, CTRL_TX_MERGED, coalescer.takeMerged());
   };
   while (Atomics.load(ctrl, CTRL_STOP) === 0) {
-    // Main thread -> TUN.
-    const written = tx.consume(writeOne, BATCH);
+    // Main thread -> TUN, a run of one TCP flow's segments as one packet.
+    const written = tx.consume(writeOne, BATCH, writeRest);
     if (written > 0 && tx.takeProducerWaiting()) notifyMain();
 
     // TUN -> main thread: drain what the kernel has queued, up to a batch.
@@ -65,18 +76,19 @@ function run(): void {
     let got = 0;
     rxBlocked = false;
     while (reading && got < BATCH) {
-      let slot = rx.reserve(data.maxPacket);
+      // A record is the packet behind the device's vnet header, which main skips.
+      let slot = rx.reserve(VNET_HDR_LEN + data.maxPacket);
       if (slot === null) {
         rx.markProducerWaiting();
-        slot = rx.reserve(data.maxPacket); // the consumer may have freed space meanwhile
+        slot = rx.reserve(VNET_HDR_LEN + data.maxPacket); // the consumer may have freed space meanwhile
         if (slot === null) {
           rxBlocked = true;
           break;
         }
       }
-      const n = io.read(slot);
+      const n = io.read(slot, VNET_HDR_LEN);
       if (n === 0) break;
-      rx.commit(n);
+      rx.commit(VNET_HDR_LEN + n);
       got++;
     }
     if (got > 0 && rx.publish()) notifyMain();

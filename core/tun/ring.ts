@@ -165,9 +165,10 @@ export class PacketRing {
 
   /**
    * Call `fn` with each record (at most `max`), as a view valid only during
-   * the call, then free their space. Returns how many were delivered.
+   * the call, then `end` (if given), then free their space: until then the
+   * producer sees them as queued. Returns how many were delivered.
    */
-  consume(fn: (packet: Uint8Array) => void, max: number): number {
+  consume(fn: (packet: Uint8Array) => void, max: number, end?: () => void): number {
     const head = Atomics.load(this.header, H_HEAD) >>> 0;
     let tail = Atomics.load(this.header, H_TAIL) >>> 0;
     let n = 0;
@@ -185,6 +186,7 @@ export class PacketRing {
         tail = (tail + 4 + align4(len)) >>> 0;
         fn(rec);
       }
+      end?.();
     } finally {
       Atomics.store(this.header, H_TAIL, tail | 0);
     }
