@@ -18,7 +18,9 @@
  * its sequence number right after the run; only ACK (and PSH, which ends the
  * run) set; and no more payload than the run's first segment (less ends it).
  * Anything else is written as it came, after the run is written, so the
- * order of packets is kept. The merged packet's TCP checksum is left to the
+ * order of packets is kept. A run waits only for the packets already at
+ * hand: its owner flushes at the end of each batch (the pump, before it
+ * releases the ring's space), never for a packet yet to come. The merged packet's TCP checksum is left to the
  * kernel (VIRTIO_NET_HDR_F_NEEDS_CSUM): the segments' own checksums are not
  * checked, as they came out of an authenticated record from the peer.
  */
