@@ -187,7 +187,6 @@ export function setDgramReading(socket: dgram.Socket, on: boolean): boolean {
   }
 }
 
-
 /** struct sockaddr_in for an IPv4 address ("a.b.c.d") and port, or undefined if `host` is not one. */
 export function sockaddrIn(host: string, port: number): Buffer | undefined {
   const parts = host.split('.');
