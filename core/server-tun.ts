@@ -18,7 +18,7 @@
  */
 import { DEFAULT_EGRESS_DENY } from './cidr.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from './errors.ts';
-import { openTun, type TunDevice } from './tun/device.ts';
+import { NO_VNET_HEADER_NOTE, openTun, type TunDevice } from './tun/device.ts';
 import { LeasePool, type Lease } from './tun/leases.ts';
 import { NetChanges } from './tun/netconfig.ts';
 import { runCommand } from './tun/command.ts';
@@ -78,6 +78,7 @@ export async function startServerTun(opts: ServerTunOptions): Promise<ServerTun>
     net = await NetChanges.start({ stateDir: config.stateDir, name: 'server' });
     for (const r of net.recovered) log.warn(`undid what a crashed server (pid ${r.pid}) left behind: ${r.undone.join(', ') || 'nothing'}`);
     dev = await openTun({ name: config.name, mtu: config.mtu });
+    if (!dev.vnetHeader) log.info(NO_VNET_HEADER_NOTE);
     await net.trackDevice(dev.name);
     await net.addAddress(dev.name, pool.serverAddress);
     if (pool.serverAddress6) await net.addAddress(dev.name, pool.serverAddress6);

@@ -21,7 +21,7 @@
 import { definePlugin } from '../core/define.ts';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
 import { parseCidr } from '../core/cidr.ts';
-import { openTun, type TunDevice } from '../core/tun/device.ts';
+import { NO_VNET_HEADER_NOTE, openTun, type TunDevice } from '../core/tun/device.ts';
 import { NetChanges, type Undo } from '../core/tun/netconfig.ts';
 import type { InboundPlugin, Logger, PluginContext, Tunnel, TunnelPackets, TunParams } from '../core/types.ts';
 
@@ -106,6 +106,7 @@ class TunInbound implements InboundPlugin {
 
     const dev = (this.dev = await openTun({ name: o.name, queues: o.queues, mtu: params.mtu }));
     dev.onError((err) => this.log.error(`the TUN device failed: ${err.message}`));
+    if (!dev.vnetHeader) this.log.info(NO_VNET_HEADER_NOTE);
     await net.trackDevice(dev.name);
 
     const server = packets.server;

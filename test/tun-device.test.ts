@@ -24,6 +24,8 @@ import * as assert from 'uvu/assert';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
 import { openTun, openTunQueues, type OpenTunOptions, type TunDevice } from '../core/tun/device.ts';
 import { NetChanges } from '../core/tun/netconfig.ts';
+import { TunQueueIo } from '../core/tun/queue-io.ts';
+import { VNET_HDR_LEN } from '../core/tun/tcp-coalesce.ts';
 import { killSwitchScript, serverNatScript } from '../core/tun/nft.ts';
 import { StateJournal, currentNetns, recoverLeftovers } from '../core/tun/state.ts';
 import {
@@ -333,6 +335,61 @@ test('multi-queue: N queues are N fds on one device, and traffic flows', async (
   assert.not.ok(await linkExists(dev.name));
 });
 
+/** Where the kernel refuses IFF_VNET_HDR the device has none: the same paths must hold with plain packets. */
+const HEADER_CASES = [
+  { vnetHeader: true, tag: '' },
+  { vnetHeader: false, tag: ' (a device without a vnet header)' },
+] as const;
+
+for (const { vnetHeader, tag } of HEADER_CASES) {
+  test(`TunQueueIo asks the device for its header; read lands a packet at \`at\`, writeAt writes one in place${tag}`, async () => {
+    const tun = openTunQueues({ name: vnetHeader ? 'dshio%d' : 'dshion%d', queues: 2, vnetHeader });
+    cleanups.push(() => tun.close());
+    assert.is(tun.vnetHeader, vnetHeader);
+    const ios = tun.fds.map((fd) => new TunQueueIo(fd, -1));
+    for (const io of ios) assert.is(io.headerLength, vnetHeader ? VNET_HDR_LEN : 0, 'every queue has the same header');
+    await run('ip', ['addr', 'add', '10.18.0.1/24', 'dev', tun.name]);
+    await run('ip', ['link', 'set', tun.name, 'up']);
+
+    // Out of the device: the packet starts at `at` whatever the header.
+    const send = seqSender('10.18.0.2');
+    const buf = Buffer.alloc(2048, 0xee);
+    const at = 64;
+    let got: Buffer | undefined;
+    send(7);
+    await waitFor('the datagram out of the device', () => {
+      for (const io of ios) {
+        const n = io.read(buf, at);
+        if (n > 0 && buf[at]! >> 4 === 4 && buf[at + 9] === 17) got = Buffer.from(buf.subarray(at, at + n));
+      }
+      return got !== undefined;
+    });
+    assert.is(got!.readUInt16BE(2), got!.length, 'one whole IPv4 packet');
+    assert.is(got!.readUInt32BE(28), 7, 'its payload in place');
+    assert.ok(buf.subarray(at + got!.length, at + got!.length + 16).every((b) => b === 0xee), 'nothing after it');
+
+    // Into the device, in place: a UDP datagram from 10.18.0.2 to a socket here.
+    const sock = createSocket('udp4');
+    cleanups.push(() => sock.close());
+    const seen: number[] = [];
+    sock.on('message', (m) => seen.push(m.readUInt32BE(0)));
+    await new Promise<void>((r) => sock.bind(0, '10.18.0.1', () => r()));
+    const p = udpPacket([10, 18, 0, 1], 64);
+    p.set([10, 18, 0, 2], 12);
+    p.writeUInt16BE(0, 10);
+    p.writeUInt16BE(checksum([p.subarray(0, 20)]), 10);
+    p.writeUInt16BE(sock.address().port, 22);
+    p.writeUInt32BE(42, 28);
+    const out = Buffer.alloc(at + p.length, 0xee);
+    p.copy(out, at);
+    assert.ok(ios[1]!.writeAt(out, at, p.length), 'the kernel took the packet');
+    assert.ok(ios[0]!.write(p), 'and the same packet by write()');
+    await waitFor('both datagrams at the socket', () => seen.length === 2);
+    assert.equal(seen, [42, 42]);
+    tun.close();
+  });
+}
+
 /**
  * Sequence numbers (first 4 payload bytes) of the UDP packets to port 9 that
  * reach `dev`, in arrival order; `alone` gets onPacket's flag for each.
@@ -392,49 +449,52 @@ function seqSender(ip: string): (seq: number) => void {
   };
 }
 
-test('packets one at a time are read on the main thread; a burst goes to the pump and back, in order', async () => {
-  const dev = await upTun({ name: 'dshrd%d' }, '10.13.0.1/24');
-  const alone: boolean[] = [];
-  const seqs = udpSequences(dev, alone);
-  const send = seqSender('10.13.0.2');
-  let seq = 0;
-  const sparse = async (n: number) => {
-    for (let i = 0; i < n; i++) {
-      send(seq++);
-      await new Promise((r) => setTimeout(r, 5));
+for (const { vnetHeader, tag } of HEADER_CASES) {
+  test(`packets one at a time are read on the main thread; a burst goes to the pump and back, in order${tag}`, async () => {
+    const dev = await upTun({ name: vnetHeader ? 'dshrd%d' : 'dshrdn%d', vnetHeader }, '10.13.0.1/24');
+    assert.is(dev.vnetHeader, vnetHeader);
+    const alone: boolean[] = [];
+    const seqs = udpSequences(dev, alone);
+    const send = seqSender('10.13.0.2');
+    let seq = 0;
+    const sparse = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        send(seq++);
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    };
+
+    await sparse(5);
+    await waitFor('the sparse packets', () => seqs.length === 5);
+    let s = dev.stats();
+    assert.is(s.rxDirect, s.rxPackets, `one at a time, the main thread reads them all: ${JSON.stringify(s)}`);
+    assert.equal(alone, [true, true, true, true, true], 'each read by itself is delivered as alone');
+
+    // A burst: 40 x 50 packets, yielding between chunks so both readers get turns.
+    for (let chunk = 0; chunk < 40; chunk++) {
+      for (let i = 0; i < 50; i++) send(seq++);
+      await new Promise((r) => setImmediate(r));
     }
-  };
+    const burstEnd = seq;
+    // The kernel's queue for the device (500 packets) drops what does not fit.
+    await waitSettled('the burst to settle', () => seqs.length);
+    s = dev.stats();
+    assert.ok(s.rxPackets - s.rxDirect > 0, `the pump read part of the burst: ${JSON.stringify(s)}`);
+    assert.ok(alone.slice(5).includes(false), 'what the pump read comes as part of a batch (not alone)');
+    assert.ok(seqs.length > 100, `the burst arrived (${seqs.length} of ${burstEnd})`);
+    for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `in order: ${seqs[i - 1]} then ${seqs[i]} at ${i}`);
 
-  await sparse(5);
-  await waitFor('the sparse packets', () => seqs.length === 5);
-  let s = dev.stats();
-  assert.is(s.rxDirect, s.rxPackets, `one at a time, the main thread reads them all: ${JSON.stringify(s)}`);
-  assert.equal(alone, [true, true, true, true, true], 'each read by itself is delivered as alone');
-
-  // A burst: 40 x 50 packets, yielding between chunks so both readers get turns.
-  for (let chunk = 0; chunk < 40; chunk++) {
-    for (let i = 0; i < 50; i++) send(seq++);
-    await new Promise((r) => setImmediate(r));
-  }
-  const burstEnd = seq;
-  // The kernel's queue for the device (500 packets) drops what does not fit.
-  await waitSettled('the burst to settle', () => seqs.length);
-  s = dev.stats();
-  assert.ok(s.rxPackets - s.rxDirect > 0, `the pump read part of the burst: ${JSON.stringify(s)}`);
-  assert.ok(alone.slice(5).includes(false), 'what the pump read comes as part of a batch (not alone)');
-  assert.ok(seqs.length > 100, `the burst arrived (${seqs.length} of ${burstEnd})`);
-  for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `in order: ${seqs[i - 1]} then ${seqs[i]} at ${i}`);
-
-  // Quiet for longer than the pump's hand-back time: the main thread reads again.
-  const directBefore = s.rxDirect;
-  const seen = seqs.length;
-  await sparse(5);
-  await waitFor('the sparse packets after the burst', () => seqs.length === seen + 5);
-  assert.equal(alone.slice(seen), [true, true, true, true, true], 'alone again');
-  // At least our 5 (the kernel may send the device IPv6 router solicitations meanwhile).
-  assert.ok(dev.stats().rxDirect >= directBefore + 5, `read on the main thread again: ${JSON.stringify(dev.stats())}`);
-  await dev.close();
-});
+    // Quiet for longer than the pump's hand-back time: the main thread reads again.
+    const directBefore = s.rxDirect;
+    const seen = seqs.length;
+    await sparse(5);
+    await waitFor('the sparse packets after the burst', () => seqs.length === seen + 5);
+    assert.equal(alone.slice(seen), [true, true, true, true, true], 'alone again');
+    // At least our 5 (the kernel may send the device IPv6 router solicitations meanwhile).
+    assert.ok(dev.stats().rxDirect >= directBefore + 5, `read on the main thread again: ${JSON.stringify(dev.stats())}`);
+    await dev.close();
+  });
+}
 
 test('after a burst, packets that go on trickling (one every 5 ms) are read on the main thread again', async () => {
   const dev = await upTun({ name: 'dshtr%d' }, '10.16.0.1/24');
@@ -459,109 +519,115 @@ test('after a burst, packets that go on trickling (one every 5 ms) are read on t
   await dev.close();
 });
 
-test('packets written one at a time are written by the main thread; a burst goes through the pump, in order', async () => {
-  const dev = await upTun({ name: 'dshwr%d' }, '10.15.0.1/24');
-  const sock = createSocket('udp4');
-  cleanups.push(() => sock.close());
-  const seqs: number[] = [];
-  sock.on('message', (m) => seqs.push(m.readUInt32BE(0)));
-  await new Promise<void>((r) => sock.bind(0, '10.15.0.1', () => r()));
-  const port = sock.address().port;
-  // 10.15.0.2:4000 -> us, with a sequence number (UDP checksum 0: none, allowed for IPv4).
-  const packet = (seq: number) => {
-    const p = udpPacket([10, 15, 0, 1], 64);
-    p.set([10, 15, 0, 2], 12);
-    p.writeUInt16BE(0, 10);
-    p.writeUInt16BE(checksum([p.subarray(0, 20)]), 10);
-    p.writeUInt16BE(port, 22);
-    p.writeUInt32BE(seq, 28);
-    return p;
-  };
-  let seq = 0;
-  const sparse = async (n: number) => {
-    for (let i = 0; i < n; i++) {
-      dev.write(packet(seq++));
-      await new Promise((r) => setTimeout(r, 5));
-    }
-  };
+for (const { vnetHeader, tag } of HEADER_CASES) {
+  test(`packets written one at a time are written by the main thread; a burst goes through the pump, in order${tag}`, async () => {
+    const dev = await upTun({ name: vnetHeader ? 'dshwr%d' : 'dshwrn%d', vnetHeader }, '10.15.0.1/24');
+    const sock = createSocket('udp4');
+    cleanups.push(() => sock.close());
+    const seqs: number[] = [];
+    sock.on('message', (m) => seqs.push(m.readUInt32BE(0)));
+    await new Promise<void>((r) => sock.bind(0, '10.15.0.1', () => r()));
+    const port = sock.address().port;
+    // 10.15.0.2:4000 -> us, with a sequence number (UDP checksum 0: none, allowed for IPv4).
+    const packet = (seq: number) => {
+      const p = udpPacket([10, 15, 0, 1], 64);
+      p.set([10, 15, 0, 2], 12);
+      p.writeUInt16BE(0, 10);
+      p.writeUInt16BE(checksum([p.subarray(0, 20)]), 10);
+      p.writeUInt16BE(port, 22);
+      p.writeUInt32BE(seq, 28);
+      return p;
+    };
+    let seq = 0;
+    const sparse = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        dev.write(packet(seq++));
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    };
 
-  await sparse(5);
-  await waitFor('the sparse packets', () => seqs.length === 5);
-  assert.is(dev.stats().txDirect, 5, `one at a time, the main thread writes them: ${JSON.stringify(dev.stats())}`);
+    await sparse(5);
+    await waitFor('the sparse packets', () => seqs.length === 5);
+    assert.is(dev.stats().txDirect, 5, `one at a time, the main thread writes them: ${JSON.stringify(dev.stats())}`);
 
-  // 100 small packets fit the socket's receive buffer, which this thread drains only after the loop.
-  for (let i = 0; i < 100; i++) assert.ok(dev.write(packet(seq++)), `write ${i} accepted`);
-  await waitSettled('the burst', () => seqs.length);
-  const s = dev.stats();
-  assert.ok(s.txDirect < 5 + 100 && s.txDirect >= 5, `the pump wrote most of the burst: ${JSON.stringify(s)}`);
-  assert.equal(seqs, [...Array(105).keys()], 'all of it, in order');
+    // 100 small packets fit the socket's receive buffer, which this thread drains only after the loop.
+    for (let i = 0; i < 100; i++) assert.ok(dev.write(packet(seq++)), `write ${i} accepted`);
+    await waitSettled('the burst', () => seqs.length);
+    const s = dev.stats();
+    assert.ok(s.txDirect < 5 + 100 && s.txDirect >= 5, `the pump wrote most of the burst: ${JSON.stringify(s)}`);
+    assert.equal(seqs, [...Array(105).keys()], 'all of it, in order');
 
-  await new Promise((r) => setTimeout(r, 20));
-  const before = dev.stats().txDirect;
-  await sparse(5);
-  await waitFor('the sparse packets after the burst', () => seqs.length === 110);
-  assert.is(dev.stats().txDirect, before + 5, `written by the main thread again: ${JSON.stringify(dev.stats())}`);
-  await dev.close();
-});
-
-test('a burst of one TCP flow written into the device reaches the socket whole; the pump writes it as merged runs', async () => {
-  const dev = await upTun({ name: 'dshgro%d' }, '10.17.0.1/24');
-  const received: Buffer[] = [];
-  // The reset at the end is expected: the socket's error is not a failure.
-  const server = createServer((s) => s.on('data', (d) => received.push(d)).on('error', () => {}));
-  cleanups.push(() => server.close());
-  await new Promise<void>((r) => server.listen(0, '10.17.0.1', () => r()));
-  const port = (server.address() as { port: number }).port;
-  // The peer behind the device, 10.17.0.2:40000, is made of crafted packets (no TCP options).
-  const us = [10, 17, 0, 2];
-  const them = [10, 17, 0, 1];
-  const tcp = (seq: number, ack: number, flags: number, payload = Buffer.alloc(0)) => {
-    const p = Buffer.alloc(40 + payload.length);
-    p[0] = 0x45;
-    p.writeUInt16BE(p.length, 2);
-    p[6] = 0x40;
-    p[8] = 64;
-    p[9] = 6;
-    p.set(us, 12);
-    p.set(them, 16);
-    p.writeUInt16BE(checksum([p.subarray(0, 20)]), 10);
-    p.writeUInt16BE(40000, 20);
-    p.writeUInt16BE(port, 22);
-    p.writeUInt32BE(seq >>> 0, 24);
-    p.writeUInt32BE(ack >>> 0, 28);
-    p[32] = 0x50;
-    p[33] = flags;
-    p.writeUInt16BE(65535, 34);
-    payload.copy(p, 40);
-    const pseudo = Buffer.from([...us, ...them, 0, 6, 0, 0]);
-    pseudo.writeUInt16BE(20 + payload.length, 10);
-    p.writeUInt16BE(checksum([pseudo, p.subarray(20)]), 36);
-    return p;
-  };
-  let synAck: Buffer | undefined;
-  dev.onPacket((p) => {
-    if (p[9] === 6 && p.readUInt16BE(22) === 40000 && (p[33]! & 0x12) === 0x12) synAck = Buffer.from(p);
+    await new Promise((r) => setTimeout(r, 20));
+    const before = dev.stats().txDirect;
+    await sparse(5);
+    await waitFor('the sparse packets after the burst', () => seqs.length === 110);
+    assert.is(dev.stats().txDirect, before + 5, `written by the main thread again: ${JSON.stringify(dev.stats())}`);
+    await dev.close();
   });
-  dev.write(tcp(1000, 0, 0x02));
-  await waitFor('the SYN-ACK', () => synAck !== undefined);
-  const ack = synAck!.readUInt32BE(24) + 1;
-  dev.write(tcp(1001, ack, 0x10));
-  // Small segments, so that many fit the socket's first window (Linux opens with about ten of its MSS).
-  const window = synAck!.readUInt16BE(34);
-  const segments = Math.min(120, Math.floor(window / 100));
-  assert.ok(segments >= 60, `a window of ${window} bytes takes enough segments for a burst`);
-  const data = Buffer.from(Array.from({ length: segments * 100 }, (_, i) => (i * 7) & 0xff));
-  for (let i = 0; i < segments; i++) {
-    assert.ok(dev.write(tcp(1001 + i * 100, ack, i === segments - 1 ? 0x18 : 0x10, data.subarray(i * 100, (i + 1) * 100))), `segment ${i} accepted`);
-  }
-  await waitFor('every byte at the socket', () => received.reduce((n, b) => n + b.length, 0) >= data.length);
-  assert.equal(Buffer.concat(received), data, 'whole and in order');
-  const s = dev.stats();
-  assert.ok(s.txMerged > 0 && s.txMerged < segments, `the pump merged runs: ${JSON.stringify(s)}`);
-  assert.is(s.txErrors, 0, 'the kernel took every write');
-  dev.write(tcp(1001 + data.length, ack, 0x04)); // a reset: the socket is gone before the device
-  await dev.close();
-});
+}
+
+for (const { vnetHeader, tag } of HEADER_CASES) {
+  test(`a burst of one TCP flow written into the device reaches the socket whole; the pump writes it as merged runs where it can${tag}`, async () => {
+    const dev = await upTun({ name: vnetHeader ? 'dshgro%d' : 'dshgron%d', vnetHeader }, '10.17.0.1/24');
+    const received: Buffer[] = [];
+    // The reset at the end is expected: the socket's error is not a failure.
+    const server = createServer((s) => s.on('data', (d) => received.push(d)).on('error', () => {}));
+    cleanups.push(() => server.close());
+    await new Promise<void>((r) => server.listen(0, '10.17.0.1', () => r()));
+    const port = (server.address() as { port: number }).port;
+    // The peer behind the device, 10.17.0.2:40000, is made of crafted packets (no TCP options).
+    const us = [10, 17, 0, 2];
+    const them = [10, 17, 0, 1];
+    const tcp = (seq: number, ack: number, flags: number, payload = Buffer.alloc(0)) => {
+      const p = Buffer.alloc(40 + payload.length);
+      p[0] = 0x45;
+      p.writeUInt16BE(p.length, 2);
+      p[6] = 0x40;
+      p[8] = 64;
+      p[9] = 6;
+      p.set(us, 12);
+      p.set(them, 16);
+      p.writeUInt16BE(checksum([p.subarray(0, 20)]), 10);
+      p.writeUInt16BE(40000, 20);
+      p.writeUInt16BE(port, 22);
+      p.writeUInt32BE(seq >>> 0, 24);
+      p.writeUInt32BE(ack >>> 0, 28);
+      p[32] = 0x50;
+      p[33] = flags;
+      p.writeUInt16BE(65535, 34);
+      payload.copy(p, 40);
+      const pseudo = Buffer.from([...us, ...them, 0, 6, 0, 0]);
+      pseudo.writeUInt16BE(20 + payload.length, 10);
+      p.writeUInt16BE(checksum([pseudo, p.subarray(20)]), 36);
+      return p;
+    };
+    let synAck: Buffer | undefined;
+    dev.onPacket((p) => {
+      if (p[9] === 6 && p.readUInt16BE(22) === 40000 && (p[33]! & 0x12) === 0x12) synAck = Buffer.from(p);
+    });
+    dev.write(tcp(1000, 0, 0x02));
+    await waitFor('the SYN-ACK', () => synAck !== undefined);
+    const ack = synAck!.readUInt32BE(24) + 1;
+    dev.write(tcp(1001, ack, 0x10));
+    // Small segments, so that many fit the socket's first window (Linux opens with about ten of its MSS).
+    const window = synAck!.readUInt16BE(34);
+    const segments = Math.min(120, Math.floor(window / 100));
+    assert.ok(segments >= 60, `a window of ${window} bytes takes enough segments for a burst`);
+    const data = Buffer.from(Array.from({ length: segments * 100 }, (_, i) => (i * 7) & 0xff));
+    for (let i = 0; i < segments; i++) {
+      assert.ok(dev.write(tcp(1001 + i * 100, ack, i === segments - 1 ? 0x18 : 0x10, data.subarray(i * 100, (i + 1) * 100))), `segment ${i} accepted`);
+    }
+    await waitFor('every byte at the socket', () => received.reduce((n, b) => n + b.length, 0) >= data.length);
+    assert.equal(Buffer.concat(received), data, 'whole and in order');
+    const s = dev.stats();
+    if (vnetHeader) assert.ok(s.txMerged > 0 && s.txMerged < segments, `the pump merged runs: ${JSON.stringify(s)}`);
+    else assert.is(s.txMerged, 0, `without a vnet header every segment is written on its own: ${JSON.stringify(s)}`);
+    assert.ok(s.txPackets - s.txDirect > 0, `the pump wrote part of the burst: ${JSON.stringify(s)}`);
+    assert.is(s.txErrors, 0, 'the kernel took every write');
+    dev.write(tcp(1001 + data.length, ack, 0x04)); // a reset: the socket is gone before the device
+    await dev.close();
+  });
+}
 
 test('mainThreadReads: false leaves every read to the pump', async () => {
   const dev = await upTun({ name: 'dshrp%d', mainThreadReads: false }, '10.14.0.1/24');

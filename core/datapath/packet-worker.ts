@@ -352,7 +352,7 @@ class PacketPath {
     for (; got < BATCH; got++) {
       let n: number;
       try {
-        n = r.io.read(this.tx, PACKET_OFFSET); // the device's vnet header lands in the record's header, written after
+        n = r.io.read(this.tx, PACKET_OFFSET); // the device's vnet header, if it has one, lands in the record's header, written after
       } catch {
         closeReader(); // the device is going away; main hears of it from the device
         return got;
@@ -450,7 +450,7 @@ class PacketPath {
     for (let at = DATA_HEADER + 1; at < end; ) {
       const len = buf.readUInt16BE(at + 5);
       const body = at + FRAME_HEADER;
-      // In place: the device's vnet header goes over the frame header before the packet. A packet the kernel refuses is dropped, as a NIC would.
+      // In place: the device's vnet header, if it has one, goes over the frame header before the packet. A packet the kernel refuses is dropped, as a NIC would.
       sink.io.writeAt(buf, body, len);
       at = body + len;
     }
@@ -494,7 +494,7 @@ class PacketPath {
    */
   opensWhatItSeals(rounds: number): boolean {
     const send = new SendState(randomBytes(32), WARM_INDEXES[0], new BigInt64Array(new SharedArrayBuffer(8)));
-    const sink = new Sink(-1, new TunQueueIo(-1, data.wakeFd), WARM_SOURCE, null, WARM_PACKET.length, new Int32Array(new SharedArrayBuffer(STAT_SLOTS * 4)), null, undefined);
+    const sink = new Sink(-1, new TunQueueIo(-1, data.wakeFd, VNET_HDR_LEN), WARM_SOURCE, null, WARM_PACKET.length, new Int32Array(new SharedArrayBuffer(STAT_SLOTS * 4)), null, undefined);
     const k = new Keys(sink, send.key, performance.now() + 60_000, ReplayWindow.attach(new ReplayWindow().share()));
     for (let i = 0; i < rounds; i++) {
       this.tx.set(WARM_PACKET, PACKET_OFFSET);
@@ -648,11 +648,11 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
     // The sink and the reader close their fds when removed.
     owned.delete(tunFd);
     owned.delete(readerFd);
-    const sink = new Sink(-1, new TunQueueIo(tunFd, data.wakeFd), WARM_SOURCE, WARM_SOURCE6, WARM_PACKET6.length, new Int32Array(new SharedArrayBuffer(STAT_SLOTS * 4)), self, mine.address);
+    const sink = new Sink(-1, new TunQueueIo(tunFd, data.wakeFd, VNET_HDR_LEN), WARM_SOURCE, WARM_SOURCE6, WARM_PACKET6.length, new Int32Array(new SharedArrayBuffer(STAT_SLOTS * 4)), self, mine.address);
     sinks.set(sink.id, sink);
     const calmReads = new BurstMeter(NEVER_A_BURST);
     const burstReads = new BurstMeter(1);
-    const warmReader = new Reader(new TunQueueIo(readerFd, data.wakeFd), new Int32Array(new SharedArrayBuffer(PUMP_CTRL_SLOTS * 4)), -1, calmReads);
+    const warmReader = new Reader(new TunQueueIo(readerFd, data.wakeFd, VNET_HDR_LEN), new Int32Array(new SharedArrayBuffer(PUMP_CTRL_SLOTS * 4)), -1, calmReads);
     reader = warmReader;
     const sending = WARM_INDEXES.map((index) => new SendState(randomBytes(32), index, new BigInt64Array(new SharedArrayBuffer(8))));
     for (const send of sending) keys.set(send.remoteIndex, new Keys(sink, send.key, performance.now() + ms + 60_000, ReplayWindow.attach(new ReplayWindow().share())));

@@ -9,7 +9,10 @@
  * Every read and write on them starts with a virtio_net_hdr: it lets a
  * writer hand the kernel a run of one TCP flow's segments as one packet
  * (tcp-coalesce.ts). No offloads are asked for reading (TUNSETOFFLOAD), so
- * what the kernel hands over is always one plain, checksummed packet.
+ * what the kernel hands over is always one plain, checksummed packet. A
+ * kernel that refuses IFF_VNET_HDR (EINVAL: a sandbox's own network stack
+ * may) gets a device without it: plain packets both ways, each written on
+ * its own, a little slower under bulk TCP and otherwise the same.
  *
  * `openTun` adds a main-thread API on top: one pump worker per queue moves
  * packets between the fd and the main thread through shared-memory rings
@@ -68,6 +71,8 @@ import { VNET_HDR_LEN } from './tcp-coalesce.ts';
 import type { TunReaderHooks, TunReaderLoan } from '../types.ts';
 
 export const DEFAULT_TUN_NAME = 'dshield%d';
+/** What a TUN user logs when the device came without a vnet header. */
+export const NO_VNET_HEADER_NOTE = 'this kernel refused IFF_VNET_HDR on the TUN device: packets are written into it one by one (bulk TCP a little slower, nothing else changes)';
 /** The kernel's limit for multi-queue TUN devices. */
 export const MAX_TUN_QUEUES = 256;
 const TUN_PATH = '/dev/net/tun';
@@ -79,6 +84,11 @@ export interface TunOptions {
   queues?: number;
   /** MTU to set (68..65535). Default: leave the kernel's (1500). */
   mtu?: number;
+  /**
+   * Ask for IFF_VNET_HDR (merged TCP writes). Default true, and the device
+   * is made without it where the kernel refuses it; false never asks.
+   */
+  vnetHeader?: boolean;
 }
 
 export interface TunQueues {
@@ -88,6 +98,8 @@ export interface TunQueues {
   readonly fds: readonly number[];
   /** The MTU set, or 1500 when left alone. */
   readonly mtu: number;
+  /** Whether every read and write on the fds carries a virtio_net_hdr (see above). */
+  readonly vnetHeader: boolean;
   /** Close every fd the caller still owns; the device disappears with the last. Idempotent. */
   close(): void;
 }
@@ -193,17 +205,28 @@ export function openTunQueues(opts: TunOptions = {}): TunQueues {
     for (const fd of fds) closeQuietly(fd);
   };
   try {
-    const flags = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | (queues > 1 ? IFF_MULTI_QUEUE : 0);
+    let flags = IFF_TUN | IFF_NO_PI | (opts.vnetHeader === false ? 0 : IFF_VNET_HDR) | (queues > 1 ? IFF_MULTI_QUEUE : 0);
     let name = wanted;
     for (let i = 0; i < queues; i++) {
       const fd = openQueueFd();
       fds.push(fd);
       // The first queue must create a new device (EXCL: never join a device
-      // someone else made); the others attach to it by its real name.
-      name = attach(fd, name, i === 0 ? flags | IFF_TUN_EXCL : flags);
+      // someone else made); the others attach to it by its real name, with
+      // the same flags (the kernel refuses a queue whose flags differ).
+      if (i > 0) {
+        name = attach(fd, name, flags);
+        continue;
+      }
+      try {
+        name = attach(fd, name, flags | IFF_TUN_EXCL);
+      } catch (err) {
+        if ((flags & IFF_VNET_HDR) === 0 || (err as DshieldError).detail?.errno !== 'EINVAL') throw err;
+        flags &= ~IFF_VNET_HDR;
+        name = attach(fd, name, flags | IFF_TUN_EXCL);
+      }
     }
     if (mtu !== undefined) setMtu(name, mtu);
-    return { name, fds, mtu: mtu ?? 1500, close: closeAll };
+    return { name, fds, mtu: mtu ?? 1500, vnetHeader: (flags & IFF_VNET_HDR) !== 0, close: closeAll };
   } catch (err) {
     closeAll();
     throw err;
@@ -234,6 +257,8 @@ export interface TunDevice {
   readonly name: string;
   readonly queues: number;
   readonly mtu: number;
+  /** False where the kernel refused IFF_VNET_HDR (see openTunQueues): packets are then written one by one, never merged. */
+  readonly vnetHeader: boolean;
   /**
    * Receive every packet the kernel routes into the device: one whole IPv4 or
    * IPv6 packet per call, without a packet-info header. `packet` is a view of
@@ -444,7 +469,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
       });
     }
   };
-  /** A packet from a pump's ring (a view of shared memory), behind the device's vnet header. */
+  /** A packet from a pump's ring (a view of shared memory), behind room for the device's vnet header (used or not). */
   const deliver = (record: Uint8Array) => deliverBuffer(Buffer.from(record.buffer, record.byteOffset + VNET_HDR_LEN, record.length - VNET_HDR_LEN), false);
 
   /** A packet the main thread read itself; false when it handed reading to the pump. */
@@ -578,6 +603,7 @@ export async function openTun(opts: OpenTunOptions = {}): Promise<TunDevice> {
     name: tun.name,
     queues: queues.length,
     mtu: tun.mtu,
+    vnetHeader: tun.vnetHeader,
     fd: tun.fds[0]!,
     lendReader(hooks) {
       const q = queues[0]!;

@@ -24,7 +24,7 @@
  */
 import net from 'node:net';
 import { F_DUPFD_CLOEXEC, libc } from './libc.ts';
-import { VNET_HDR_LEN } from './tcp-coalesce.ts';
+import { tunHeaderLength } from './queue-io.ts';
 
 export interface MainReader {
   /** Start (or go on) reading; every packet goes to onPacket until it returns false. Idempotent. */
@@ -74,7 +74,8 @@ export function openMainReader(fd: number, maxPacket: number, handlers: MainRead
     c.close(own);
     return undefined;
   }
-  const buffer = Buffer.allocUnsafe(VNET_HDR_LEN + maxPacket);
+  const header = tunHeaderLength(fd);
+  const buffer = Buffer.allocUnsafe(header + maxPacket);
   let closed = false;
   let reading = false;
   const socket = new net.Socket({
@@ -85,9 +86,9 @@ export function openMainReader(fd: number, maxPacket: number, handlers: MainRead
     onread: {
       buffer,
       callback: (n: number, buf: Uint8Array) => {
-        // Each read is the device's vnet header and one packet (see device.ts).
-        if (n <= VNET_HDR_LEN) return true;
-        const more = handlers.onPacket(Buffer.from(buf.buffer, buf.byteOffset + VNET_HDR_LEN, n - VNET_HDR_LEN));
+        // Each read is one packet, behind the device's vnet header if it has one (see device.ts).
+        if (n <= header) return true;
+        const more = handlers.onPacket(Buffer.from(buf.buffer, buf.byteOffset + header, n - header));
         if (!more) reading = false;
         return more;
       },

@@ -2,9 +2,12 @@
  * Packet I/O on one TUN queue fd, for a thread that may block: read and write
  * one IP packet per call, and wait (poll) until the fd is readable or another
  * thread wakes us through an eventfd. The device is opened with IFF_VNET_HDR
- * (device.ts): every read and write carries a virtio_net_hdr first, which
- * these calls take off and put on, so a run of TCP segments can be written as
- * one packet (tcp-coalesce.ts).
+ * where the kernel takes it (device.ts): every read and write then carries a
+ * virtio_net_hdr first, which these calls take off and put on, so a run of
+ * TCP segments can be written as one packet (tcp-coalesce.ts). Where it was
+ * refused, reads and writes are plain packets; `headerLength` says which, and
+ * callers keep the same layout either way (room for a header before each
+ * packet, left unused).
  *
  * This is the building block for worker threads: the pump behind openTun's
  * main-thread API (queue-worker.ts) uses it, and so can a later worker that
@@ -19,13 +22,28 @@
 import { DshieldError, ErrorCodes } from '../errors.ts';
 import { EAGAIN, EINTR } from '../errno.ts';
 import { MAX_IP_PACKET, VNET_HDR_LEN } from './tcp-coalesce.ts';
-import { EFD_CLOEXEC, EFD_NONBLOCK, POLLERR, POLLHUP, POLLIN, POLLNVAL, libc, type Libc } from './libc.ts';
+import { EFD_CLOEXEC, EFD_NONBLOCK, IFF_VNET_HDR, IFNAMSIZ, IFREQ_SIZE, POLLERR, POLLHUP, POLLIN, POLLNVAL, TUNGETIFF, libc, type Libc } from './libc.ts';
 
 export type WaitResult = 'readable' | 'woken' | 'timeout';
+
+/**
+ * How many bytes of virtio_net_hdr come before each packet on the TUN fd
+ * `fd`: VNET_HDR_LEN when its device has IFF_VNET_HDR, 0 when not (the
+ * kernel refused it, device.ts). An fd that is not a TUN device (a test's
+ * or a warm-up's stand-in) is taken to carry one, as openTunQueues asks.
+ */
+export function tunHeaderLength(fd: number): number {
+  const req = new Uint8Array(IFREQ_SIZE);
+  if (libc().ioctlPtr(fd, TUNGETIFF, req) < 0) return VNET_HDR_LEN;
+  const flags = req[IFNAMSIZ]! | (req[IFNAMSIZ + 1]! << 8);
+  return (flags & IFF_VNET_HDR) !== 0 ? VNET_HDR_LEN : 0;
+}
 
 export class TunQueueIo {
   readonly fd: number;
   readonly wakeFd: number;
+  /** Bytes of virtio_net_hdr before each packet on the fd: VNET_HDR_LEN, or 0 on a device without IFF_VNET_HDR. */
+  readonly headerLength: number;
   private readonly c: Libc;
   private readonly pollfds = new Uint8Array(16);
   private readonly pollView: DataView;
@@ -33,28 +51,30 @@ export class TunQueueIo {
   /** Where write() puts a packet behind its header (made at the first write: most users only read). */
   private framedBuffer: Uint8Array | undefined;
 
-  /** `wakeFd`: an eventfd from `createWakeFd()` that `wake()` signals. */
-  constructor(fd: number, wakeFd: number) {
+  /** `wakeFd`: an eventfd from `createWakeFd()` that `wake()` signals; `headerLength`: asked of the device unless given. */
+  constructor(fd: number, wakeFd: number, headerLength = tunHeaderLength(fd)) {
     this.fd = fd;
     this.wakeFd = wakeFd;
+    this.headerLength = headerLength;
     this.c = libc();
     this.pollView = new DataView(this.pollfds.buffer);
   }
 
   /**
    * Read one packet so that it starts at `at` of `buf`: the VNET_HDR_LEN
-   * bytes before it take the device's virtio_net_hdr (at >= VNET_HDR_LEN;
-   * the device is opened with IFF_VNET_HDR and no offloads, so the kernel
+   * bytes before it take the device's virtio_net_hdr, if it has one (at >=
+   * VNET_HDR_LEN either way; the device asks for no offloads, so the kernel
    * hands over plain whole packets and the header says nothing to act on).
    * A packet longer than the rest of `buf` is truncated by the kernel.
    * Returns the packet's length, or 0 when none is queued. Throws
    * DshieldError(TUN) on a real error (e.g. the device was removed).
    */
   read(buf: Uint8Array, at: number): number {
-    const frame = buf.subarray(at - VNET_HDR_LEN);
+    const header = this.headerLength;
+    const frame = buf.subarray(at - header);
     for (;;) {
       const n = this.c.read(this.fd, frame, frame.length);
-      if (n >= 0) return n > VNET_HDR_LEN ? n - VNET_HDR_LEN : 0;
+      if (n >= 0) return n > header ? n - header : 0;
       const e = this.c.errno();
       if (e === EAGAIN) return 0;
       if (e === EINTR) continue;
@@ -63,23 +83,26 @@ export class TunQueueIo {
   }
 
   /**
-   * Write one whole IP packet, copied behind a header that asks nothing of
-   * the kernel. False when the kernel refused it (malformed packet: EINVAL;
-   * device down: EIO): the packet is dropped, as a NIC would.
+   * Write one whole IP packet (copied behind a header that asks nothing of
+   * the kernel, on a device that has one). False when the kernel refused it
+   * (malformed packet: EINVAL; device down: EIO): the packet is dropped, as
+   * a NIC would.
    */
   write(packet: Uint8Array): boolean {
+    if (this.headerLength === 0) return this.writeFrame(packet);
     if (packet.length > this.framed.length - VNET_HDR_LEN) return false; // longer than any IP packet
     this.framed.set(packet, VNET_HDR_LEN);
     return this.writeFrame(this.framed.subarray(0, VNET_HDR_LEN + packet.length));
   }
 
-  /** Write the packet of `length` bytes at `at` of `buf` in place; the VNET_HDR_LEN bytes before it are overwritten with the header. */
+  /** Write the packet of `length` bytes at `at` of `buf` in place (at >= VNET_HDR_LEN); the header, if any, is written over the bytes before it. */
   writeAt(buf: Uint8Array, at: number, length: number): boolean {
-    buf.fill(0, at - VNET_HDR_LEN, at);
-    return this.writeFrame(buf.subarray(at - VNET_HDR_LEN, at + length));
+    const header = this.headerLength;
+    buf.fill(0, at - header, at);
+    return this.writeFrame(buf.subarray(at - header, at + length));
   }
 
-  /** Write a frame that starts with its virtio_net_hdr (a TcpCoalescer's). */
+  /** One whole write: a packet behind the device's header if it has one (a TcpCoalescer's frame needs one), else a plain packet. */
   writeFrame(frame: Uint8Array): boolean {
     for (;;) {
       const n = this.c.write(this.fd, frame, frame.length);

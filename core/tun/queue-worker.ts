@@ -3,6 +3,7 @@
  *
  *   TUN fd --read--> rx ring --(Atomics.notify)--> main thread onPacket
  *   main thread write() --> tx ring --(eventfd wake)--> TcpCoalescer --write--> TUN fd
+ *                                    (a device without a vnet header: --write--> TUN fd)
  *
  * The pump reads only while CTRL_READER says so (packets coming fast); when
  * none came for PUMP_HAND_BACK_MS it hands reading back to the main thread,
@@ -54,14 +55,19 @@ function run(): void {
   let windowStart = performance.now();
   let windowReads = 0;
   // What the kernel refuses is counted per write: a merged run that fails counts once.
-  const coalescer = new TcpCoalescer((frame) => {
-    if (!io.writeFrame(frame)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
-  });
+  // A device without a vnet header (the kernel refused it) cannot take a merged run: each packet is written as it came.
+  const coalescer =
+    io.headerLength > 0
+      ? new TcpCoalescer((frame) => {
+          if (!io.writeFrame(frame)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
+        })
+      : undefined;
   const writeOne = (p: Uint8Array) => {
-    if (!coalescer.push(p)) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
+    if (!(coalescer === undefined ? io.write(p) : coalescer.push(p))) Atomics.add(ctrl, CTRL_TX_ERRORS, 1);
   };
   // Written before the ring's space is released: main writes a packet itself only into an empty ring, so nothing may still wait here then.
   const writeRest = () => {
+    if (coalescer === undefined) return;
     coalescer.flush();
     Atomics.add(ctrl, CTRL_TX_MERGED, coalescer.takeMerged());
   };
@@ -76,7 +82,7 @@ function run(): void {
     let got = 0;
     rxBlocked = false;
     while (reading && got < BATCH) {
-      // A record is the packet behind the device's vnet header, which main skips.
+      // A record is the packet behind room for the device's vnet header (used or not), which main skips.
       let slot = rx.reserve(VNET_HDR_LEN + data.maxPacket);
       if (slot === null) {
         rx.markProducerWaiting();
