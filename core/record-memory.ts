@@ -54,6 +54,18 @@ export function takeRecordMemory(size: number): Buffer {
   return memory;
 }
 
+/**
+ * Fresh memory of `size` bytes (from takeRecordMemory) that starts with
+ * `memory`'s bytes from `from` to `to`: a reader's unparsed tail, moved
+ * when the next record does not fit in what is left. `memory` is retired.
+ */
+export function carryIntoFresh(memory: Buffer, from: number, to: number, size: number): Buffer {
+  const fresh = takeRecordMemory(size);
+  memory.copy(fresh, 0, from, to);
+  retireRecordMemory(memory);
+  return fresh;
+}
+
 /** A record (a view of memory from takeRecordMemory) went to its consumer. */
 export function recordDelivered(record: Buffer): void {
   const lease = leases.get(record.buffer);

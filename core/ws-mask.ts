@@ -1,11 +1,12 @@
 /**
- * RFC 6455 masking for WebSocket frames the ws transport writes itself
- * (plugins/transport-ws.ts, sendInPlace): a random 4-byte key per frame and
- * the payload XORed with it, in place.
+ * RFC 6455 masking for the ws transport's WebSocket frames: a client's
+ * frames get a random 4-byte key each and their payload XORed with it, in
+ * place (plugins/transport-ws.ts); a server XORs them back as it reads
+ * them (core/ws-reader.ts).
  *
- * The XOR runs in C when bufferutil loads (the optional addon ws uses for
- * the same job; its prebuilt binaries need no install script), else in
- * JavaScript a 32-bit word at a time. The keys come from the CSPRNG, drawn
+ * The XOR runs in C when bufferutil loads (the optional addon the `ws`
+ * library uses for the same job; its prebuilt binaries need no install
+ * script), else in JavaScript a 32-bit word at a time. The keys come from the CSPRNG, drawn
  * 8 KiB at a time so a frame costs no system call.
  */
 import { randomFillSync } from 'node:crypto';

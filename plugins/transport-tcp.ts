@@ -33,7 +33,7 @@ import { abortError, describeDialError, describeListenError } from '../core/net-
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
-import { recordDelivered, retireRecordMemory, takeRecordMemory } from '../core/record-memory.ts';
+import { carryIntoFresh, recordDelivered } from '../core/record-memory.ts';
 
 const MAX_RECORD = 0xffff;
 /**
@@ -161,10 +161,7 @@ export class RecordReader {
     const need = have >= 2 ? 2 + memory.readUInt16BE(this.at) + 2 : MIN_ROOM;
     if (this.at + need > memory.length) {
       // The partial record moves to the front of fresh memory: in bulk traffic that is one header.
-      const fresh = takeRecordMemory(FRESH_READ);
-      memory.copy(fresh, 0, this.at, this.end);
-      retireRecordMemory(memory);
-      this.memory = fresh;
+      this.memory = carryIntoFresh(memory, this.at, this.end, FRESH_READ);
       this.at = 0;
       this.end = have;
     }

@@ -17,52 +17,76 @@
  * The header is taken as given: a client that reaches the server directly can
  * forge it. It is used for logs only, never for a decision.
  *
- * Backpressure: ws.send() returns nothing, so send() answers
- * `bufferedAmount < 256 KiB` itself. After a false, the TCP (or TLS) socket under
- * the WebSocket emits 'drain' once its write buffer is empty (it was far above
- * the socket's own 16 KiB mark, so a 'drain' is always due); that becomes
- * handlers.drain(). We hold that socket through public API: the HTTP server's
- * 'upgrade' event on the server side, the 'upgrade' response on the client.
+ * The protocol is our own few parts: the upgrade (core/ws-handshake.ts),
+ * frames in (core/ws-reader.ts, a state machine) and frames out (here).
+ * Why not the ws library, which this transport used before: it reads every
+ * chunk into fresh memory and copies each 64 KiB record, which spans two
+ * of Node's reads, into a buffer of its own. A client over ws:// now reads
+ * as the tcp transport does, straight into record memory sized from the
+ * frame headers (net.Socket's `onread`): measured in the bench topology,
+ * see the README's "How it works".
+ *
+ * Receiving: a whole binary message is a record. Pings are answered with
+ * pongs; text messages are dropped; a message in fragments is put together;
+ * anything that breaks RFC 6455 (an unmasked frame from a client, a masked
+ * one from a server, reserved bits, unknown opcodes, a message of more than
+ * 65535 bytes...) closes the link with code 1002 or 1009. Before start()
+ * nothing is read past the upgrade, so nothing waits in memory.
+ *
+ * Closing: close() sends a close frame (1000) after what is queued and
+ * half-closes the socket; the peer answers with its own close frame and
+ * closes the connection. A close frame from the peer is answered the same
+ * way. A peer that does neither within CLOSE_GRACE_MS is cut off.
+ *
+ * Backpressure: send() says false once the socket holds 256 KiB it has not
+ * handed to the kernel; the socket's 'drain' is then handlers.drain().
  *
  * Sending in place: the session seals each bulk record with `headroom`
- * bytes free before it (8 on a client, 4 on a server), and sendInPlace
- * writes the frame header there, masks the record in place and hands the
- * socket one buffer: no copy. Through ws.send() (send, sendBatch: records
- * the caller keeps) the header goes out as a buffer of its own, and a
- * client's ws copies every masked frame into fresh memory first.
+ * bytes free before it (8 on a client, 4 on a server); sendInPlace writes
+ * the frame header there, masks the record in place and hands the socket
+ * one buffer: no copy. send() and sendBatch() copy into one buffer.
  *
  * Client masking: RFC 6455 has the client XOR every frame with a random
- * 4-byte key (and the server XOR it back). Both ws and sendInPlace
- * (core/ws-mask.ts) do that in C with bufferutil, ws's optional native addon
- * (an optional dependency here, with prebuilt binaries: no install script
- * runs), and in plain JavaScript where that cannot load, which costs ~5x
- * throughput client -> server on loopback (~170 vs ~800 MB/s for 16 KiB
- * records). With bufferutil a 512 MiB SOCKS5 upload over ws measured
- * 178-208 MB/s against 114-121 without, same sitting.
- * The masking exists so a script cannot put chosen bytes on
- * the wire for a confused proxy cache; our payloads are ciphertext, so that
- * attack does not apply. Option `zeroMask: true` uses the all-zero key,
- * which ws and every peer skip. It is off by default because the zero key is
- * visible (a fingerprint) to anyone who can read plain ws:// traffic; under
- * wss:// (or TLS up to a proxy) nobody on the path sees it.
+ * 4-byte key (and the server XOR it back). core/ws-mask.ts does that in C
+ * with bufferutil (an optional dependency with prebuilt binaries: no
+ * install script runs), and in plain JavaScript where that cannot load,
+ * which costs ~5x throughput client -> server on loopback (~170 vs ~800
+ * MB/s for 16 KiB records). The masking exists so a script cannot put
+ * chosen bytes on the wire for a confused proxy cache; our payloads are
+ * ciphertext, so that attack does not apply. Option `zeroMask: true` uses
+ * the all-zero key, which costs nothing to apply. It is off by default
+ * because the zero key is visible (a fingerprint) to anyone who can read
+ * plain ws:// traffic; under wss:// (or TLS up to a proxy) nobody on the
+ * path sees it.
  *
  * A record larger than 65535 bytes is a caller's bug: send/sendInPlace/sendBatch throw a
- * RangeError (and send nothing). An incoming message larger than that makes ws
- * close the connection (1009); an incoming text message is dropped.
+ * RangeError (and send nothing).
  */
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
-import { isIP, type Socket } from 'node:net';
+import net, { isIP, type Socket } from 'node:net';
 import { resolve as resolvePath } from 'node:path';
+import tls from 'node:tls';
 import type { Duplex } from 'node:stream';
-import WebSocket, { WebSocketServer, type RawData } from 'ws';
 import { definePlugin } from '../core/define.ts';
 import { abortError, describeDialError, describeListenError, errnoOf } from '../core/net-errors.ts';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
+import { checkUpgradeAnswer, newClientKey, upgradeKeyOf, upgradeRequest, upgradeResponse } from '../core/ws-handshake.ts';
 import { maskInPlace, writeMaskKey } from '../core/ws-mask.ts';
+import {
+  CLOSE_NORMAL,
+  OP_BINARY,
+  OP_CLOSE,
+  OP_PING,
+  OP_PONG,
+  WsFrameReader,
+  frameHeaderLength,
+  writeFrameHeader,
+  type WsReaderEvents,
+} from '../core/ws-reader.ts';
 
 const MAX_RECORD = 0xffff;
 /**
@@ -72,21 +96,13 @@ const MAX_RECORD = 0xffff;
  */
 const HIGH_WATER = 256 * 1024;
 /**
- * Records that arrive before start(). ws is paused from the moment a link
- * exists, so none do in practice; the bounded queue is there so that a change
- * inside ws can neither make us deliver before start() nor lose records.
- */
-const MAX_PENDING_BYTES = 1024 * 1024;
-/**
  * close() sends what is queued, then the close frame, and waits for the peer's;
  * a peer that takes longer than this (not reading, or gone) is cut off.
  */
 const CLOSE_GRACE_MS = 30_000;
-const SEND_OPTIONS = { binary: true, compress: false, fin: true } as const;
-/** First header byte of a frame written by sendInPlace: FIN set, opcode 2 (binary). */
-const FIN_BINARY = 0x82;
-/** Second header byte's top bit: the payload is masked and a 4-byte key follows the length. */
-const MASKED = 0x80;
+/** sendBatch() copies a batch into one buffer up to this total; beyond it, one buffer per record in one writev (as the tcp transport). */
+const BATCH_CONCAT_MAX = 64 * 1024;
+const NO_KEY = null;
 
 function checkSize(record: Buffer): void {
   if (record.length > MAX_RECORD) {
@@ -95,60 +111,74 @@ function checkSize(record: Buffer): void {
 }
 
 /**
- * How this side masks the frames it writes itself (sendInPlace): a client
- * must mask (RFC 6455 section 5.3), with a random key or, with the option
- * zeroMask, the all-zero one; a server must not.
+ * How this side masks the frames it writes: a client must mask (RFC 6455
+ * section 5.3), with a random key or, with the option zeroMask, the
+ * all-zero one; a server must not.
  */
 type Masking = 'random' | 'zero' | 'none';
 
-class WsLink implements Link {
+const ZERO_KEY = Buffer.alloc(4);
+
+/**
+ * How the link's reader is fed: the socket reads into it itself (`onread`,
+ * set up by dial), 'data' events the dialer already forwards (TLS), or
+ * 'data' events the link forwards from start() (an accepted socket).
+ */
+type Feeding = 'onread' | 'dialer' | 'link';
+
+class WsLink implements Link, WsReaderEvents {
   readonly type = 'stream' as const;
   readonly maxRecordSize = MAX_RECORD;
   /** The longest header a record of at most 65535 bytes needs: 2 bytes, a 16-bit length, and the key when masked. */
   readonly headroom: number;
   private handlers: LinkHandlers | undefined;
-  /** 'open' -> 'closing' (close()/destroy() called) -> 'closed' (the WebSocket is gone). */
+  /** 'open' -> 'closing' (a close frame sent or received, or destroy()) -> 'closed' (the socket is gone). */
   private state: 'open' | 'closing' | 'closed' = 'open';
   private error: Error | undefined;
   private closeDelivered = false;
+  private closeSent = false;
   private needDrain = false;
-  private pending: Buffer[] | null = [];
-  private pendingBytes = 0;
   private graceTimer: NodeJS.Timeout | undefined;
+  /** The socket's 'data' goes to the reader (feeding 'link'). */
+  private fed = false;
+  readonly reader: WsFrameReader;
 
+  /**
+   * `reader`: the dialer's (it read the server's answer); an accepted
+   * socket gets one here, fed with `early` (what the HTTP server read past
+   * the request) and then the socket's 'data' from start().
+   */
   constructor(
-    private readonly ws: WebSocket,
-    /** The socket ws writes to; its 'drain' is our drain. */
-    private readonly socket: Duplex,
+    private readonly socket: Socket,
     readonly remoteAddress: string,
     private readonly log: Logger,
     private readonly masking: Masking,
+    private readonly feeding: Feeding,
+    reader?: WsFrameReader,
+    private readonly early: Buffer = Buffer.alloc(0),
   ) {
     this.headroom = masking === 'none' ? 4 : 8;
-    ws.pause();
-    ws.on('message', (data: RawData, isBinary: boolean) => {
-      if (!isBinary || this.state !== 'open') return;
-      const record = data as Buffer; // binaryType 'nodebuffer': always one Buffer
-      if (this.pending) {
-        this.pendingBytes += record.length;
-        if (this.pendingBytes > MAX_PENDING_BYTES) this.fail(new Error('too much data before start()'));
-        else this.pending.push(record);
-        return;
-      }
-      try {
-        this.handlers!.record(record);
-      } catch (err) {
-        this.fail(err);
-      }
-    });
-    ws.on('error', (err) => {
+    this.reader = reader ?? new WsFrameReader(true, this);
+    // Nothing is read past the upgrade until start(): frames already read wait in the reader.
+    socket.pause();
+    this.reader.hold();
+    socket.setNoDelay(true);
+    socket.on('error', (err) => {
       this.error ??= err;
       this.log.debug('link error', { remote: this.remoteAddress, error: err.message });
     });
-    ws.on('close', () => {
+    // The peer finished sending (after its close frame, or it just went away): so do we.
+    // An HTTP server's sockets allow half-open connections, so this is not automatic.
+    socket.on('end', () => {
+      this.reader.stop();
+      if (this.state === 'open') this.state = 'closing';
+      socket.end();
+    });
+    socket.on('close', () => {
       this.state = 'closed';
       clearTimeout(this.graceTimer);
-      if (this.handlers && !this.pending) this.deliverClose();
+      this.reader.stop();
+      if (this.handlers) this.deliverClose();
     });
     socket.on('drain', () => {
       if (!this.needDrain || this.state !== 'open' || !this.handlers) return;
@@ -162,7 +192,7 @@ class WsLink implements Link {
   }
 
   get bufferedAmount(): number {
-    return this.ws.bufferedAmount;
+    return this.socket.writableLength;
   }
 
   start(handlers: LinkHandlers): void {
@@ -170,106 +200,178 @@ class WsLink implements Link {
     this.handlers = handlers;
     // Deliver on the next tick, never from inside start().
     process.nextTick(() => {
-      const early = this.pending!;
-      this.pending = null;
-      try {
-        for (const record of early) {
-          if (this.state !== 'open') break;
-          handlers.record(record);
-        }
-      } catch (err) {
-        this.fail(err);
+      if (this.state === 'closed') {
+        this.deliverClose();
+        return;
       }
-      if (this.state === 'closed') this.deliverClose();
-      else this.ws.resume();
+      this.readOn();
     });
   }
 
+  /** Deliver what waited and read on: from start(), or to discard until the peer closes. */
+  private readOn(): void {
+    this.reader.release();
+    if (this.feeding === 'link' && !this.fed) {
+      this.fed = true;
+      if (this.early.length > 0) this.reader.push(this.early);
+      this.socket.on('data', (chunk: Buffer) => this.reader.push(chunk));
+    }
+    this.socket.resume();
+  }
+
+  // --- frames in (WsReaderEvents) ---
+
+  message(data: Buffer): void {
+    // After close(): read on to the peer's close frame, discarding.
+    if (this.state !== 'open') return;
+    try {
+      this.handlers!.record(data);
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  control(opcode: number, payload: Buffer): void {
+    if (opcode === OP_PING) {
+      // A peer that pings without reading gets no more pongs than the write buffer's mark: memory stays bounded.
+      if (!this.closeSent && this.socket.writable && this.socket.writableLength < HIGH_WATER) this.socket.write(this.frame(OP_PONG, payload));
+      return;
+    }
+    if (opcode !== OP_CLOSE) return; // a pong: nothing to do
+    // The peer is done: answer with its code (or 1000), stop reading, let the connection end.
+    this.reader.stop();
+    const code = payload.length >= 2 ? payload.readUInt16BE(0) : CLOSE_NORMAL;
+    this.sendClose(validCloseCode(code) ? code : CLOSE_NORMAL);
+    this.finish();
+  }
+
+  violation(code: number, why: string): void {
+    this.log.debug('closing a link: the peer broke the WebSocket protocol', { remote: this.remoteAddress, error: why });
+    this.error ??= new Error(`the peer broke the WebSocket protocol: ${why}`);
+    this.sendClose(code);
+    this.finish();
+  }
+
+  // --- frames out ---
+
   send(record: Buffer): boolean {
     checkSize(record);
-    if (this.state !== 'open' || this.ws.readyState !== WebSocket.OPEN) return false;
-    this.ws.send(record, SEND_OPTIONS);
+    if (this.state !== 'open' || !this.socket.writable) return false;
+    this.socket.write(this.frame(OP_BINARY, record));
     return this.belowHighWater();
   }
 
-  /**
-   * Frames the record in the memory before it and masks it in place, then
-   * writes it with one call and no copy (ws.send() would write the header
-   * apart, and a client's ws copies every masked frame into fresh memory).
-   * Writing to the socket beside ws keeps frames in order because ws, with
-   * no compression and no Blob data (we use neither), writes each frame
-   * synchronously when it is sent: nothing of ws's waits in a queue to be
-   * overtaken.
-   */
+  /** Frames the record in the memory before it and masks it in place, then writes it with one call and no copy. */
   sendInPlace(record: Buffer): boolean {
     checkSize(record);
-    if (this.state !== 'open' || this.ws.readyState !== WebSocket.OPEN) return false;
+    if (this.state !== 'open' || !this.socket.writable) return false;
     const length = record.length;
-    const keyed = this.masking !== 'none';
-    const head = (length > 125 ? 4 : 2) + (keyed ? 4 : 0);
-    const frame = Buffer.from(record.buffer, record.byteOffset - head, head + length);
-    frame[0] = FIN_BINARY;
-    if (length > 125) {
-      frame[1] = 126;
-      frame.writeUInt16BE(length, 2);
-    } else {
-      frame[1] = length;
-    }
-    if (keyed) {
-      frame[1] |= MASKED;
-      if (this.masking === 'zero') {
-        frame.fill(0, head - 4, head);
-      } else {
-        const key = frame.subarray(head - 4, head);
-        writeMaskKey(key);
-        maskInPlace(record, key);
-      }
-    }
+    const head = frameHeaderLength(length, this.masking !== 'none');
+    const at = record.byteOffset - head;
+    const frame = Buffer.from(record.buffer, at, head + length);
+    this.writeHeader(frame, 0, OP_BINARY, record);
     this.socket.write(frame);
     return this.belowHighWater();
   }
 
   sendBatch(records: Buffer[]): boolean {
-    for (const r of records) checkSize(r);
-    if (this.state !== 'open' || this.ws.readyState !== WebSocket.OPEN) return false;
-    // ws writes each frame synchronously (no compression): corking the socket
-    // turns the batch into one writev.
-    this.socket.cork();
-    for (const r of records) this.ws.send(r, SEND_OPTIONS);
-    this.socket.uncork();
+    const masked = this.masking !== 'none';
+    let total = 0;
+    for (const r of records) {
+      checkSize(r);
+      total += frameHeaderLength(r.length, masked) + r.length;
+    }
+    if (this.state !== 'open' || !this.socket.writable) return false;
+    if (records.length === 0) return this.belowHighWater();
+    if (total <= BATCH_CONCAT_MAX) {
+      const out = Buffer.allocUnsafe(total);
+      let at = 0;
+      for (const r of records) at = this.writeFrameAt(out, at, OP_BINARY, r);
+      this.socket.write(out);
+    } else {
+      this.socket.cork();
+      for (const r of records) this.socket.write(this.frame(OP_BINARY, r));
+      this.socket.uncork();
+    }
     return this.belowHighWater();
   }
 
   close(): void {
     if (this.state !== 'open') return;
-    this.state = 'closing';
-    // ws sends the close frame after what is queued and waits for the peer's,
-    // which it can only see if it reads (what it reads now is discarded).
-    this.ws.close(1000);
-    this.ws.resume();
-    this.graceTimer = setTimeout(() => this.ws.terminate(), CLOSE_GRACE_MS);
-    this.graceTimer.unref();
+    this.sendClose(CLOSE_NORMAL);
+    this.finish();
+    // Read on (discarding) until the peer closes, so the close completes cleanly.
+    this.readOn();
   }
 
   destroy(): void {
     if (this.state === 'closed') return;
     this.state = 'closing';
-    this.ws.terminate();
+    this.socket.destroy();
+  }
+
+  /** One frame of `payload` in fresh memory (masked on a client). */
+  private frame(opcode: number, payload: Buffer): Buffer {
+    const out = Buffer.allocUnsafe(frameHeaderLength(payload.length, this.masking !== 'none') + payload.length);
+    this.writeFrameAt(out, 0, opcode, payload);
+    return out;
+  }
+
+  /** Write a frame of `payload` (copied) at `at` of `out`; returns where it ends. */
+  private writeFrameAt(out: Buffer, at: number, opcode: number, payload: Buffer): number {
+    const head = frameHeaderLength(payload.length, this.masking !== 'none');
+    const body = out.subarray(at + head, at + head + payload.length);
+    payload.copy(body);
+    this.writeHeader(out, at, opcode, body);
+    return at + head + payload.length;
+  }
+
+  /** Write the header before `body` (which starts where the header ends) and mask `body` in place on a client. */
+  private writeHeader(out: Buffer, at: number, opcode: number, body: Buffer): void {
+    if (this.masking === 'none') {
+      writeFrameHeader(out, at, opcode, body.length, NO_KEY);
+    } else if (this.masking === 'zero') {
+      writeFrameHeader(out, at, opcode, body.length, ZERO_KEY);
+    } else {
+      const n = writeFrameHeader(out, at, opcode, body.length, ZERO_KEY);
+      const key = out.subarray(at + n - 4, at + n);
+      writeMaskKey(key);
+      maskInPlace(body, key);
+    }
+  }
+
+  private sendClose(code: number): void {
+    if (this.closeSent) return;
+    this.closeSent = true;
+    if (!this.socket.writable) return;
+    const payload = Buffer.allocUnsafe(2);
+    payload.writeUInt16BE(code, 0);
+    this.socket.write(this.frame(OP_CLOSE, payload));
+  }
+
+  /** After a close frame went out: flush, half-close, and give the peer CLOSE_GRACE_MS to close the connection. */
+  private finish(): void {
+    if (this.state === 'open') this.state = 'closing';
+    if (this.graceTimer !== undefined || this.state === 'closed') return;
+    this.socket.end();
+    this.graceTimer = setTimeout(() => this.socket.destroy(), CLOSE_GRACE_MS);
+    this.graceTimer.unref();
   }
 
   private belowHighWater(): boolean {
-    if (this.ws.bufferedAmount < HIGH_WATER) return true;
+    if (this.socket.writableLength < HIGH_WATER) return true;
     this.needDrain = true;
     return false;
   }
 
-  /** A handler threw (a bug upstream) or the peer misbehaved: close, don't crash. */
+  /** A handler threw (a bug upstream): close, don't crash. */
   private fail(err: unknown): void {
     const e = err instanceof Error ? err : new Error(String(err));
-    this.log.warn('closing a link', { remote: this.remoteAddress, error: e.message });
+    this.log.error('a link handler threw; closing the link', { remote: this.remoteAddress, error: e.message });
     this.error ??= e;
     this.state = 'closing';
-    this.ws.terminate();
+    this.reader.stop();
+    this.socket.destroy();
   }
 
   private deliverClose(): void {
@@ -281,6 +383,11 @@ class WsLink implements Link {
       this.log.error('a link close handler threw', { remote: this.remoteAddress, error: (err as Error).message });
     }
   }
+}
+
+/** Close codes a peer may send (RFC 6455 section 7.4): 1000-1003, 1007-1014, and 3000-4999. */
+function validCloseCode(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
 }
 
 /** The peer as logs should show it: X-Forwarded-For's first entry if usable, else the socket's peer. */
@@ -430,31 +537,22 @@ export default definePlugin<'transport', WsOptions>({
       // Bounded patience for slow or idle HTTP clients.
       server.headersTimeout = 10_000;
       server.requestTimeout = 15_000;
-      const wss = new WebSocketServer({
-        noServer: true,
-        perMessageDeflate: false,
-        maxPayload: MAX_RECORD,
-        clientTracking: false,
-        skipUTF8Validation: true,
-      });
-      // A malformed upgrade on our path looks like any unknown URL.
-      wss.on('wsClientError', (_err, socket) => rejectUpgrade(socket));
-
       server.on('request', (_req, res) => respondNotFound(res));
-      server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
-        if (pathOf(req.url) !== path) {
+      server.on('upgrade', (req: http.IncomingMessage, socket: Socket, head: Buffer) => {
+        // A malformed upgrade on our path looks like any unknown URL.
+        const key = pathOf(req.url) === path ? upgradeKeyOf(req) : undefined;
+        if (key === undefined || !socket.writable) {
           rejectUpgrade(socket);
           return;
         }
-        wss.handleUpgrade(req, socket, head, (ws) => {
-          const link = new WsLink(ws, socket, peerOf(req, socket), log, 'none');
-          try {
-            onLink(link);
-          } catch (err) {
-            log.error('onLink threw; dropping the connection', { error: (err as Error).message });
-            link.destroy();
-          }
-        });
+        socket.write(upgradeResponse(key));
+        const link = new WsLink(socket, peerOf(req, socket), log, 'none', 'link', undefined, head);
+        try {
+          onLink(link);
+        } catch (err) {
+          log.error('onLink threw; dropping the connection', { error: (err as Error).message });
+          link.destroy();
+        }
       });
 
       await new Promise<void>((resolve, reject) => {
@@ -527,17 +625,39 @@ export default definePlugin<'transport', WsOptions>({
       const aborted = signals.find((s) => s.aborted);
       if (aborted) return Promise.reject(abortError(aborted));
 
+      const secure = url.protocol === 'wss:';
+      // WHATWG URLs keep IPv6 hosts in brackets; sockets want them bare.
+      const host = url.hostname.replace(/^\[(.*)\]$/, '$1');
+      const port = Number(url.port) || (secure ? 443 : 80);
+      const key = newClientKey();
+
       return new Promise<Link>((resolve, reject) => {
-        const ws = new WebSocket(url, {
-          perMessageDeflate: false,
-          maxPayload: MAX_RECORD,
-          followRedirects: false,
-          skipUTF8Validation: true,
-          rejectUnauthorized,
-          ...(zeroMask ? { generateMask: (mask: Buffer) => void mask.fill(0) } : {}),
-        });
-        let socket: Socket | undefined;
         let settled = false;
+        let link: WsLink | undefined;
+        // Until the link exists the reader only reads the answer's head; frames after it wait in the reader.
+        const events: WsReaderEvents = {
+          head: (head) => onHead(head),
+          message: (data) => link?.message(data),
+          control: (opcode, payload) => link?.control(opcode, payload),
+          violation: (code, why) => (link ? link.violation(code, why) : settle(unreachable('rejected', `the WebSocket server broke the protocol: ${why}`))),
+        };
+        const reader = new WsFrameReader(false, events, true);
+        // ws:// reads straight into the reader's memory (onread), as the tcp transport does;
+        // a TLS socket has no onread, so its decrypted chunks are pushed into the reader.
+        const socket: Socket = secure
+          ? tls.connect({ host, port, servername: isIP(host) ? undefined : host, rejectUnauthorized })
+          : net.connect({
+              host,
+              port,
+              onread: {
+                buffer: () => reader.readBuffer(),
+                callback: (n: number) => {
+                  reader.wrote(n);
+                  return true;
+                },
+              },
+            });
+        if (secure) socket.on('data', (chunk: Buffer) => reader.push(chunk));
         const unreachable = (reason: string, text: string, cause?: unknown) =>
           new DshieldError(ErrorCodes.UNREACHABLE, `cannot reach the server at ${shown}: ${text}`, {
             cause,
@@ -548,18 +668,34 @@ export default definePlugin<'transport', WsOptions>({
           settled = true;
           clearTimeout(timer);
           for (const s of signals) s.removeEventListener('abort', onAbort);
-          ws.removeListener('error', onError);
+          socket.removeListener('error', onError);
+          socket.removeListener('close', onClose);
           if (err) {
-            // terminate() during the handshake reports an error of its own; keep it quiet.
-            ws.on('error', () => {});
-            ws.terminate();
+            reader.stop();
+            socket.destroy();
             reject(err);
           }
+        };
+        const onConnected = () => socket.write(upgradeRequest(url, key));
+        const onHead = (head: string): boolean => {
+          if (settled) return false;
+          const answer = checkUpgradeAnswer(head, key);
+          if (!answer.ok) {
+            const why = answer.status >= 200 && answer.status !== 101 ? `${answer.why} (is the path ${url.pathname} right?)` : answer.why;
+            settle(unreachable('rejected', why));
+            return false;
+          }
+          // The link attaches its own error listener before ours is removed.
+          link = new WsLink(socket, formatPeer(socket.remoteAddress, socket.remotePort), log, zeroMask ? 'zero' : 'random', secure ? 'dialer' : 'onread', reader);
+          settle();
+          resolve(link);
+          return true;
         };
         const onError = (err: NodeJS.ErrnoException) => {
           const { reason, text } = describeWsDialError(err, url.hostname);
           settle(unreachable(reason, text, err));
         };
+        const onClose = () => settle(unreachable('reset', 'the connection closed before the WebSocket upgrade'));
         const onAbort = function (this: AbortSignal) {
           settle(abortError(this));
         };
@@ -568,28 +704,9 @@ export default definePlugin<'transport', WsOptions>({
           connectTimeout,
         );
         for (const s of signals) s.addEventListener('abort', onAbort, { once: true });
-        ws.on('error', onError);
-        ws.once('upgrade', (res: http.IncomingMessage) => {
-          socket = res.socket as Socket;
-        });
-        ws.once('unexpected-response', (req: http.ClientRequest, res: http.IncomingMessage) => {
-          settle(
-            unreachable(
-              'rejected',
-              `the web server answered HTTP ${res.statusCode} instead of a WebSocket upgrade (is the path ${url.pathname} right?)`,
-            ),
-          );
-          req.destroy();
-        });
-        ws.once('open', () => {
-          if (settled || !socket) {
-            ws.terminate();
-            return;
-          }
-          const link = new WsLink(ws, socket, formatPeer(socket.remoteAddress, socket.remotePort), log, zeroMask ? 'zero' : 'random');
-          settle();
-          resolve(link);
-        });
+        socket.once(secure ? 'secureConnect' : 'connect', onConnected);
+        socket.on('error', onError);
+        socket.on('close', onClose);
       });
     };
 

@@ -1,10 +1,10 @@
 /**
- * The ws transport writes the frames of sendInPlace itself (the rest goes
- * through ws). What must hold on the wire, read by a TCP relay between
+ * The frames the ws transport writes, in place (sendInPlace) and copied
+ * (send). What must hold on the wire, read by a TCP relay between
  * client and server: every client frame is masked (RFC 6455 section 5.3)
  * with a fresh random key, or with the zero key under `zeroMask`; no server
  * frame is masked; every frame is one final binary frame with the shortest
- * length encoding; and frames from sendInPlace and from ws interleave in
+ * length encoding; and frames from sendInPlace and from send interleave in
  * the order they were sent.
  *
  *   npx tsx test/ws-frames.test.ts
@@ -118,7 +118,7 @@ async function exchange(options: Partial<WsOptions>) {
     while (!serverLink && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
     assert.ok(serverLink, 'the server has its link');
     const b = probeLink(serverLink);
-    // Each side: every size by sendInPlace, each followed by one record through ws.
+    // Each side: every size by sendInPlace, each followed by one record through send().
     for (const side of [client, serverLink]) {
       SIZES.forEach((n, i) => {
         sendInPlace(side, patterned(i, n));
@@ -131,7 +131,7 @@ async function exchange(options: Partial<WsOptions>) {
     for (const [probe, what] of [[a, 'at the client'], [b, 'at the server']] as const) {
       SIZES.forEach((n, i) => {
         assert.ok(probe.records[2 * i]!.equals(patterned(i, n)), `in-place record ${i} ${what}`);
-        assert.ok(probe.records[2 * i + 1]!.equals(patterned(100 + i, 7)), `ws record ${i} ${what}`);
+        assert.ok(probe.records[2 * i + 1]!.equals(patterned(100 + i, 7)), `sent record ${i} ${what}`);
       });
     }
     client.close();
@@ -144,7 +144,7 @@ async function exchange(options: Partial<WsOptions>) {
   }
 }
 
-/** The data frames (binary), without ws's close frames. */
+/** The data frames (binary), without the close frames. */
 const dataFrames = (frames: Frame[]) => frames.filter((f) => f.opcode === 2);
 
 function assertShape(frames: Frame[], what: string): void {
