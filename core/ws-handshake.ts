@@ -90,5 +90,5 @@ export function upgradeKeyOf(req: IncomingMessage): string | undefined {
 
 /** The server's 101 answer to a request with `key`. */
 export function upgradeResponse(key: string): string {
-  return 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n' + `Sec-WebSocket-Accept: ${acceptFor(key)}\r\n\r\n`;
+  return `HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${acceptFor(key)}\r\n\r\n`;
 }

@@ -102,7 +102,6 @@ const HIGH_WATER = 256 * 1024;
 const CLOSE_GRACE_MS = 30_000;
 /** sendBatch() copies a batch into one buffer up to this total; beyond it, one buffer per record in one writev (as the tcp transport). */
 const BATCH_CONCAT_MAX = 64 * 1024;
-const NO_KEY = null;
 
 function checkSize(record: Buffer): void {
   if (record.length > MAX_RECORD) {
@@ -329,7 +328,7 @@ class WsLink implements Link, WsReaderEvents {
   /** Write the header before `body` (which starts where the header ends) and mask `body` in place on a client. */
   private writeHeader(out: Buffer, at: number, opcode: number, body: Buffer): void {
     if (this.masking === 'none') {
-      writeFrameHeader(out, at, opcode, body.length, NO_KEY);
+      writeFrameHeader(out, at, opcode, body.length, null);
     } else if (this.masking === 'zero') {
       writeFrameHeader(out, at, opcode, body.length, ZERO_KEY);
     } else {
