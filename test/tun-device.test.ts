@@ -23,6 +23,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DshieldError, ErrorCodes, isDshieldError } from '../core/errors.ts';
 import { openTun, openTunQueues, type OpenTunOptions, type TunDevice } from '../core/tun/device.ts';
+import { EINVAL } from '../core/errno.ts';
+import { IFF_VNET_HDR, IFNAMSIZ, TUNSETIFF, libc } from '../core/tun/libc.ts';
 import { NetChanges } from '../core/tun/netconfig.ts';
 import { TunQueueIo } from '../core/tun/queue-io.ts';
 import { VNET_HDR_LEN } from '../core/tun/tcp-coalesce.ts';
@@ -389,6 +391,40 @@ for (const { vnetHeader, tag } of HEADER_CASES) {
     tun.close();
   });
 }
+
+test('a kernel that refuses IFF_VNET_HDR gets a device without it, and packets flow both ways', async () => {
+  // The refusal is played by this thread's libc calls (the pumps' threads ask the real kernel, which then has no header to report).
+  const c = libc();
+  const { ioctlPtr, errno } = c;
+  let refused = 0;
+  let fake = 0;
+  c.ioctlPtr = (fd, request, arg) => {
+    const flags = arg[IFNAMSIZ]! | (arg[IFNAMSIZ + 1]! << 8);
+    fake = request === TUNSETIFF && (flags & IFF_VNET_HDR) !== 0 ? EINVAL : 0;
+    if (fake !== 0) {
+      refused++;
+      return -1;
+    }
+    return ioctlPtr(fd, request, arg);
+  };
+  c.errno = () => (fake !== 0 ? fake : errno());
+  let dev: TunDevice;
+  try {
+    dev = await upTun({ name: 'dshref%d', queues: 2 }, '10.19.0.1/24');
+  } finally {
+    c.ioctlPtr = ioctlPtr;
+    c.errno = errno;
+  }
+  assert.is(refused, 1, 'asked once with the header, then without');
+  assert.is(dev.vnetHeader, false);
+  assert.match((await run('ip', ['-d', 'link', 'show', 'dev', dev.name])).stdout, /multi_queue numqueues 2/, 'both queues attached');
+  const seen = echoResponder(dev);
+  const r = await ping(['-c', '3', '-i', '0.2', '-W', '2', '10.19.0.2']);
+  assert.ok(r.ok, r.out);
+  assert.match(r.out, /3 received/, 'requests read from the device, crafted replies written into it');
+  assert.ok(seen.requests.length >= 3);
+  await dev.close();
+});
 
 /**
  * Sequence numbers (first 4 payload bytes) of the UDP packets to port 9 that
