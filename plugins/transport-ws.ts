@@ -130,6 +130,8 @@ class WsLink implements Link, WsReaderEvents {
   readonly maxRecordSize = MAX_RECORD;
   /** The longest header a record of at most 65535 bytes needs: 2 bytes, a 16-bit length, and the key when masked. */
   readonly headroom: number;
+  /** Frames this side writes carry a mask key (a client's). */
+  private readonly masked: boolean;
   private handlers: LinkHandlers | undefined;
   /** 'open' -> 'closing' (a close frame sent or received, or destroy()) -> 'closed' (the socket is gone). */
   private state: 'open' | 'closing' | 'closed' = 'open';
@@ -156,7 +158,8 @@ class WsLink implements Link, WsReaderEvents {
     reader?: WsFrameReader,
     private readonly early: Buffer = Buffer.alloc(0),
   ) {
-    this.headroom = masking === 'none' ? 4 : 8;
+    this.masked = masking !== 'none';
+    this.headroom = this.masked ? 8 : 4;
     this.reader = reader ?? new WsFrameReader(true, this);
     // Nothing is read past the upgrade until start(): frames already read wait in the reader.
     socket.pause();
@@ -265,7 +268,7 @@ class WsLink implements Link, WsReaderEvents {
     checkSize(record);
     if (this.state !== 'open' || !this.socket.writable) return false;
     const length = record.length;
-    const head = frameHeaderLength(length, this.masking !== 'none');
+    const head = frameHeaderLength(length, this.masked);
     const at = record.byteOffset - head;
     const frame = Buffer.from(record.buffer, at, head + length);
     this.writeHeader(frame, 0, OP_BINARY, record);
@@ -274,11 +277,10 @@ class WsLink implements Link, WsReaderEvents {
   }
 
   sendBatch(records: Buffer[]): boolean {
-    const masked = this.masking !== 'none';
     let total = 0;
     for (const r of records) {
       checkSize(r);
-      total += frameHeaderLength(r.length, masked) + r.length;
+      total += frameHeaderLength(r.length, this.masked) + r.length;
     }
     if (this.state !== 'open' || !this.socket.writable) return false;
     if (records.length === 0) return this.belowHighWater();
@@ -311,14 +313,14 @@ class WsLink implements Link, WsReaderEvents {
 
   /** One frame of `payload` in fresh memory (masked on a client). */
   private frame(opcode: number, payload: Buffer): Buffer {
-    const out = Buffer.allocUnsafe(frameHeaderLength(payload.length, this.masking !== 'none') + payload.length);
+    const out = Buffer.allocUnsafe(frameHeaderLength(payload.length, this.masked) + payload.length);
     this.writeFrameAt(out, 0, opcode, payload);
     return out;
   }
 
   /** Write a frame of `payload` (copied) at `at` of `out`; returns where it ends. */
   private writeFrameAt(out: Buffer, at: number, opcode: number, payload: Buffer): number {
-    const head = frameHeaderLength(payload.length, this.masking !== 'none');
+    const head = frameHeaderLength(payload.length, this.masked);
     const body = out.subarray(at + head, at + head + payload.length);
     payload.copy(body);
     this.writeHeader(out, at, opcode, body);
@@ -327,16 +329,11 @@ class WsLink implements Link, WsReaderEvents {
 
   /** Write the header before `body` (which starts where the header ends) and mask `body` in place on a client. */
   private writeHeader(out: Buffer, at: number, opcode: number, body: Buffer): void {
-    if (this.masking === 'none') {
-      writeFrameHeader(out, at, opcode, body.length, null);
-    } else if (this.masking === 'zero') {
-      writeFrameHeader(out, at, opcode, body.length, ZERO_KEY);
-    } else {
-      const n = writeFrameHeader(out, at, opcode, body.length, ZERO_KEY);
-      const key = out.subarray(at + n - 4, at + n);
-      writeMaskKey(key);
-      maskInPlace(body, key);
-    }
+    const n = writeFrameHeader(out, at, opcode, body.length, this.masked ? ZERO_KEY : null);
+    if (this.masking !== 'random') return;
+    const key = out.subarray(at + n - 4, at + n);
+    writeMaskKey(key);
+    maskInPlace(body, key);
   }
 
   private sendClose(code: number): void {
