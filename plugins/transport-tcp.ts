@@ -11,8 +11,10 @@
  * used to span two reads and be copied). Node offers `onread` only for
  * sockets it creates, so an accepted socket reads 'data' events: a record
  * inside one chunk is a subarray of it, one split across chunks is assembled
- * into a buffer of its size. Per link at most one read buffer (a full
- * record and two headers) or one partial record (< 64 KiB) is held.
+ * into a buffer of its size. Once it carries bulk records it is made again
+ * to read in place too (TcpLink.readInPlace). Per link at most one read
+ * buffer (a full record and two headers) or one partial record (< 64 KiB)
+ * is held.
  *
  * Any byte stream parses as records (a 2-byte length cannot be invalid), so
  * garbage from a scanner reaches the session layer as records it discards:
@@ -33,7 +35,8 @@ import { abortError, describeDialError, describeListenError } from '../core/net-
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
-import { carryIntoFresh, recordDelivered } from '../core/record-memory.ts';
+import { carryIntoFresh, recordDelivered, retireRecordMemory } from '../core/record-memory.ts';
+import { BulkReads, reopenWithOnread } from '../core/reopen-socket.ts';
 
 const MAX_RECORD = 0xffff;
 /**
@@ -148,6 +151,42 @@ export class RecordReader {
   }
 
   /**
+   * From push() to readBuffer()/wrote(), once: what the chunks so far left
+   * unfinished (a header's first byte, the start of a record) stays, as the
+   * socket read it, for the next reads to complete.
+   */
+  readFromNowOn(): void {
+    let pending = NO_MEMORY;
+    if (this.headerHigh >= 0) {
+      pending = Buffer.from([this.headerHigh]);
+    } else if (this.state === READ_BODY) {
+      const body = this.body!;
+      pending = Buffer.allocUnsafe(2 + this.filled);
+      pending.writeUInt16BE(body.length, 0);
+      body.copy(pending, 2, 0, this.filled);
+    }
+    this.state = READ_HEADER;
+    this.headerHigh = -1;
+    this.body = null;
+    this.filled = 0;
+    // Exactly the pending bytes: the first readBuffer() moves them into record memory.
+    this.memory = pending;
+    this.at = 0;
+    this.end = pending.length;
+  }
+
+  /** Undoes readFromNowOn() before any read into the reader's memory: the pending bytes go back to push()'s state. */
+  readFromChunks(): void {
+    const pending = Buffer.from(this.memory.subarray(this.at, this.end));
+    retireRecordMemory(this.memory);
+    this.memory = NO_MEMORY;
+    this.at = 0;
+    this.end = 0;
+    // A partial record: push() keeps it and delivers nothing.
+    if (pending.length > 0) this.push(pending);
+  }
+
+  /**
    * Where the socket should read next: the unwritten rest of the current
    * memory, never empty. The reader never writes into memory it has handed
    * out; delivered records are views of it, so once it is left behind it
@@ -204,7 +243,10 @@ class TcpLink implements Link {
   readonly remoteAddress: string;
   private handlers: LinkHandlers | undefined;
   private readonly reader: RecordReader;
-  private readonly readsInPlace: boolean;
+  /** The socket reads into the reader's memory (onread); otherwise it reads 'data' events. */
+  private readsInPlace: boolean;
+  /** An accepted socket's reads, until they show bulk records (see readInPlace). */
+  private readonly bulk: BulkReads;
   /** 'open' -> 'closing' (close()/destroy() called) -> 'closed' (the socket is gone). */
   private state: 'open' | 'closing' | 'closed' = 'open';
   private error: Error | undefined;
@@ -216,7 +258,7 @@ class TcpLink implements Link {
    * delivers to `receive`. Without one, the link reads 'data' events.
    */
   constructor(
-    private readonly socket: net.Socket,
+    private socket: net.Socket,
     private readonly log: Logger,
     reader?: RecordReader,
   ) {
@@ -227,17 +269,25 @@ class TcpLink implements Link {
     this.remoteAddress = formatPeer(socket.remoteAddress, socket.remotePort);
     this.readsInPlace = reader !== undefined;
     this.reader = reader ?? new RecordReader((record) => this.receive(record));
+    this.bulk = new BulkReads(socket);
+    this.watch(socket);
+  }
+
+  /** The link's listeners on `socket`; they fall silent once the link has moved to another (readInPlace). */
+  private watch(socket: net.Socket): void {
     socket.on('error', (err) => {
+      if (socket !== this.socket) return;
       this.error ??= err;
       this.log.debug('link error', { remote: this.remoteAddress, error: err.message });
     });
     socket.on('close', () => {
+      if (socket !== this.socket) return;
       this.state = 'closed';
       clearTimeout(this.graceTimer);
       if (this.handlers) this.deliverClose();
     });
     socket.on('drain', () => {
-      if (this.state !== 'open' || !this.handlers) return;
+      if (socket !== this.socket || this.state !== 'open' || !this.handlers) return;
       try {
         this.handlers.drain();
       } catch (err) {
@@ -258,12 +308,51 @@ class TcpLink implements Link {
       return;
     }
     if (!this.readsInPlace) {
-      this.socket.on('data', (chunk: Buffer) => {
+      const socket = this.socket;
+      socket.on('data', (chunk: Buffer) => {
         // After close(): read to EOF, discard. A handler's throw is caught in receive().
-        if (this.state === 'open') this.reader.push(chunk);
+        if (socket !== this.socket || this.state !== 'open') return;
+        this.reader.push(chunk);
+        if (this.bulk.due(chunk.length) && this.state === 'open') this.readInPlace();
       });
     }
     this.socket.resume();
+  }
+
+  /**
+   * An accepted socket reads 'data' events, each chunk in fresh memory
+   * that a scavenge frees, and a record split across two chunks is copied
+   * (Node offers `onread` only for sockets it makes). Once the link carries
+   * bulk records (an upload through the server: BulkReads), the socket is
+   * made again over the same connection to read into the reader's memory,
+   * as a dialed link does (core/reopen-socket.ts). Where that cannot be done
+   * the link goes on with 'data' events.
+   */
+  private readInPlace(): void {
+    const old = this.socket;
+    const reader = this.reader;
+    // The new socket asks the reader for memory as it is made.
+    reader.readFromNowOn();
+    const socket = reopenWithOnread(
+      old,
+      {
+        buffer: () => reader.readBuffer(),
+        callback: (n: number) => {
+          reader.wrote(n);
+          return true;
+        },
+      },
+      { allowHalfOpen: old.allowHalfOpen },
+    );
+    if (socket === null) {
+      reader.readFromChunks();
+      this.bulk.failed(old);
+      return;
+    }
+    this.socket = socket;
+    this.readsInPlace = true;
+    this.watch(socket);
+    socket.resume();
   }
 
   /** One whole record from the reader. */

@@ -24,7 +24,9 @@
  * of Node's reads, into a buffer of its own. A client over ws:// now reads
  * as the tcp transport does, straight into record memory sized from the
  * frame headers (net.Socket's `onread`): measured in the bench topology,
- * see the README's "How it works".
+ * see the README's "How it works". A server's upgraded socket reads 'data'
+ * events, copied into the same memory, until it carries bulk frames; then
+ * it is made again to read in place (WsLink.readInPlace; not under TLS).
  *
  * Receiving: a whole binary message is a record. Pings are answered with
  * pongs; text messages are dropped; a message in fragments is put together;
@@ -74,6 +76,7 @@ import { abortError, describeDialError, describeListenError, errnoOf } from '../
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
+import { BulkReads, reopenWithOnread } from '../core/reopen-socket.ts';
 import { checkUpgradeAnswer, newClientKey, upgradeKeyOf, upgradeRequest, upgradeResponse } from '../core/ws-handshake.ts';
 import { maskInPlace, writeMaskKey } from '../core/ws-mask.ts';
 import {
@@ -143,6 +146,8 @@ class WsLink implements Link, WsReaderEvents {
   /** The socket's 'data' goes to the reader (feeding 'link'). */
   private fed = false;
   readonly reader: WsFrameReader;
+  /** An accepted socket's reads, until they show bulk frames (see readInPlace). */
+  private readonly bulk: BulkReads;
 
   /**
    * `reader`: the dialer's (it read the server's answer); an accepted
@@ -150,40 +155,49 @@ class WsLink implements Link, WsReaderEvents {
    * the request) and then the socket's 'data' from start().
    */
   constructor(
-    private readonly socket: Socket,
+    private socket: Socket,
     readonly remoteAddress: string,
     private readonly log: Logger,
     private readonly masking: Masking,
-    private readonly feeding: Feeding,
+    private feeding: Feeding,
     reader?: WsFrameReader,
     private readonly early: Buffer = Buffer.alloc(0),
   ) {
     this.masked = masking !== 'none';
     this.headroom = this.masked ? 8 : 4;
     this.reader = reader ?? new WsFrameReader(true, this);
+    this.bulk = new BulkReads(socket);
     // Nothing is read past the upgrade until start(): frames already read wait in the reader.
     socket.pause();
     this.reader.hold();
     socket.setNoDelay(true);
+    this.watch(socket);
+  }
+
+  /** The link's listeners on `socket`; they fall silent once the link has moved to another (readInPlace). */
+  private watch(socket: Socket): void {
     socket.on('error', (err) => {
+      if (socket !== this.socket) return;
       this.error ??= err;
       this.log.debug('link error', { remote: this.remoteAddress, error: err.message });
     });
     // The peer finished sending (after its close frame, or it just went away): so do we.
     // An HTTP server's sockets allow half-open connections, so this is not automatic.
     socket.on('end', () => {
+      if (socket !== this.socket) return;
       this.reader.stop();
       if (this.state === 'open') this.state = 'closing';
       socket.end();
     });
     socket.on('close', () => {
+      if (socket !== this.socket) return;
       this.state = 'closed';
       clearTimeout(this.graceTimer);
       this.reader.stop();
       if (this.handlers) this.deliverClose();
     });
     socket.on('drain', () => {
-      if (!this.needDrain || this.state !== 'open' || !this.handlers) return;
+      if (socket !== this.socket || !this.needDrain || this.state !== 'open' || !this.handlers) return;
       this.needDrain = false;
       try {
         this.handlers.drain();
@@ -216,9 +230,47 @@ class WsLink implements Link, WsReaderEvents {
     if (this.feeding === 'link' && !this.fed) {
       this.fed = true;
       if (this.early.length > 0) this.reader.push(this.early);
-      this.socket.on('data', (chunk: Buffer) => this.reader.push(chunk));
+      const socket = this.socket;
+      socket.on('data', (chunk: Buffer) => {
+        if (socket !== this.socket) return;
+        this.reader.push(chunk);
+        if (this.bulk.due(chunk.length) && this.state === 'open' && !this.reader.stopped) this.readInPlace();
+      });
     }
     this.socket.resume();
+  }
+
+  /**
+   * An accepted socket reads 'data' events into fresh memory, each chunk
+   * then copied into the reader's (Node offers `onread` only for sockets it
+   * makes). Once the link carries bulk frames (an upload through the
+   * server: BulkReads), the socket is made again over the same connection
+   * to read straight into the reader's memory, as a dialed one does
+   * (core/reopen-socket.ts). The reader's state is the same either way.
+   * Where that cannot be done the link goes on with 'data' events.
+   */
+  private readInPlace(): void {
+    const old = this.socket;
+    const reader = this.reader;
+    const socket = reopenWithOnread(
+      old,
+      {
+        buffer: () => reader.readBuffer(),
+        callback: (n: number) => {
+          reader.wrote(n);
+          return true;
+        },
+      },
+      { allowHalfOpen: old.allowHalfOpen },
+    );
+    if (socket === null) {
+      this.bulk.failed(old);
+      return;
+    }
+    this.socket = socket;
+    this.feeding = 'onread';
+    this.watch(socket);
+    socket.resume();
   }
 
   // --- frames in (WsReaderEvents) ---

@@ -5,7 +5,8 @@
  * sent before the reopening; it writes and half-closes as the accepted
  * one would; it starts paused; the accepted socket is closed without
  * ending the connection; no descriptor is left behind; and a socket that
- * has already read is left alone.
+ * has already read is left alone. BulkReads tells when a socket's chunks
+ * show bulk data, never for TLS.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -13,7 +14,7 @@ import { randomBytes } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { attachPooledSink, pooledReadStats, reopenPooled } from '../core/pooled-reads.ts';
-import { reopenWithOnread } from '../core/reopen-socket.ts';
+import { BulkReads, reopenWithOnread } from '../core/reopen-socket.ts';
 import { sha256Of } from './helpers/collector.ts';
 import { withTimeout } from './helpers/timeout.ts';
 
@@ -154,6 +155,25 @@ test('a socket that has already read is not reopened: null, and it works on as b
     accepted?.destroy();
     await new Promise<void>((r) => server.close(() => r()));
   }
+});
+
+test('BulkReads: four large chunks in a row make a socket a bulk one; a short one starts over; TLS never; a failure waits for empty buffers', () => {
+  const socket = (fields: Partial<Socket> & { encrypted?: boolean } = {}) => ({ writableLength: 0, readableLength: 0, ...fields }) as Socket;
+  const plain = new BulkReads(socket());
+  assert.equal([65536, 40000, 65536].map((n) => plain.due(n)), [false, false, false]);
+  assert.is(plain.due(1000), false, 'a short chunk');
+  assert.equal([65536, 65536, 32768, 65536].map((n) => plain.due(n)), [false, false, false, true], 'the fourth large chunk in a row');
+
+  const tls = new BulkReads(socket({ encrypted: true }));
+  assert.ok([...Array(10)].every(() => !tls.due(65536)), 'a TLS socket is never reopened');
+
+  const busy = new BulkReads(socket());
+  for (let i = 0; i < 3; i++) busy.due(65536);
+  assert.ok(busy.due(65536));
+  busy.failed(socket({ writableLength: 100 }));
+  assert.equal([0, 1, 2, 3].map(() => busy.due(65536)), [false, false, false, true], 'tried again after more bulk chunks');
+  busy.failed(socket());
+  assert.ok([...Array(10)].every(() => !busy.due(65536)), 'with empty buffers, the failure is for good');
 });
 
 test.run();

@@ -15,6 +15,7 @@
  *   npx tsx test/ws-protocol.test.ts
  */
 import { randomBytes } from 'node:crypto';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import net from 'node:net';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -301,6 +302,69 @@ test('a ws client against our server: its masked records, fragments and text; ou
     assert.is(await closed, 1000);
     await b.until(() => b.closes.length === 1, 5_000, 'our link closed');
     assert.is(b.closes[0], undefined, 'a clean close');
+  } finally {
+    ws.terminate();
+    await server.close();
+  }
+});
+
+/** The descriptor of this process that holds the TCP connection from 127.0.0.1:`local` to `remote` (-1: none). */
+function descriptorOf(local: number, remote: number): number {
+  const port = (hex: string) => parseInt(hex.split(':')[1]!, 16);
+  let inode = '';
+  for (const line of readFileSync('/proc/self/net/tcp', 'utf8').split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length > 9 && port(f[1]!) === local && port(f[2]!) === remote) inode = f[9]!;
+  }
+  if (inode === '') return -1;
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      if (readlinkSync(`/proc/self/fd/${fd}`) === `socket:[${inode}]`) return Number(fd);
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return -1;
+}
+
+test('a server link reads in place once it carries bulk frames: its connection moves to a socket of its own, and works on', async () => {
+  const server = await ourServer();
+  const ws = new WebSocket(`ws://127.0.0.1:${server.port}/dshield`);
+  ws.on('error', () => {});
+  try {
+    await waitFor(new Promise((r) => ws.once('open', r)), 'the ws client to open');
+    const b = probeLink(await server.nextLink());
+    const clientPort = (ws as unknown as { _socket: net.Socket })._socket.localPort!;
+    const accepted = descriptorOf(server.port, clientPort);
+    assert.ok(accepted >= 0, 'the accepted connection is found');
+
+    // Small messages: the accepted socket keeps reading them.
+    for (let i = 0; i < 500; i++) ws.send(patterned(i, 1 + ((i * 37) % 700)));
+    await b.until(() => b.records.length === 500, 5_000, 'the small records');
+    assert.is(descriptorOf(server.port, clientPort), accepted, 'small messages: the same socket');
+
+    // Bulk: full reads in a row; the connection moves to the socket made to read in place.
+    const bulk = Array.from({ length: 64 }, (_, i) => patterned(1000 + i, 65535));
+    for (const m of bulk) ws.send(m);
+    await b.until(() => b.records.length === 500 + bulk.length, 10_000, 'the bulk records');
+    for (let i = 0; i < 500; i++) assert.ok(b.records[i]!.equals(patterned(i, 1 + ((i * 37) % 700))), `small record ${i}`);
+    for (let i = 0; i < bulk.length; i++) assert.ok(b.records[500 + i]!.equals(bulk[i]!), `bulk record ${i}, in order`);
+    const moved = descriptorOf(server.port, clientPort);
+    assert.ok(moved >= 0 && moved !== accepted, `the connection moved to another descriptor (${accepted} -> ${moved})`);
+
+    // It works on, both ways, and closes as before.
+    const got: Buffer[] = [];
+    ws.on('message', (m: Buffer) => got.push(Buffer.from(m)));
+    ws.send(patterned(7, 100));
+    b.link.send(patterned(8, 1234));
+    await b.until(() => got.length === 1 && b.records.length === 501 + bulk.length, 5_000, 'a record each way after the move');
+    assert.ok(got[0]!.equals(patterned(8, 1234)));
+    const closed = waitFor(new Promise<number>((r) => ws.once('close', (code: number) => r(code))), 'the ws client to see the close');
+    b.link.close();
+    assert.is(await closed, 1000);
+    await b.until(() => b.closes.length === 1, 5_000, 'our link closed');
+    assert.is(b.closes[0], undefined, 'a clean close');
+    assert.is(descriptorOf(server.port, clientPort), -1, 'no descriptor left for the connection');
   } finally {
     ws.terminate();
     await server.close();

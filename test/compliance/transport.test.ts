@@ -852,6 +852,90 @@ function tcpExtras(mod: typeof import('../../plugins/transport-tcp.ts')): void {
     assert.ok(moved <= 702 * memories, `${moved} bytes moved`);
   });
 
+  s('a reader moved from chunks to reads in place mid-stream (or moved back first) delivers the same records', () => {
+    const sizes = [0, 1, 2, 255, 1000, MAX, 3, MAX, 0, 40000, MAX, 7];
+    const stream = framed(sizes.map((n, i) => patterned(i, n)));
+    // Cut points inside a header, inside a body, on a boundary, and around the largest records.
+    const cuts = [0, 1, 2, 3, 4, 5, 300, 1264, 1265, 1266, 1267, 1268, 40_000, 66_803, 66_804, 66_805, 100_000, stream.length - 1, stream.length];
+    for (const cut of cuts) {
+      for (const chunkSize of [1, 1000, 65536]) {
+        const got: Buffer[] = [];
+        const reader = new RecordReader((r) => got.push(Buffer.from(r)));
+        for (let at = 0; at < cut; at += chunkSize) reader.push(stream.subarray(at, Math.min(cut, at + chunkSize)));
+        reader.readFromNowOn();
+        if (chunkSize === 1000) {
+          // Undone (the socket could not be made again), then done for good: nothing lost or doubled.
+          reader.readFromChunks();
+          reader.readFromNowOn();
+        }
+        for (let at = cut; at < stream.length; ) {
+          const memory = reader.readBuffer();
+          const n = Math.min(memory.length, 65536, stream.length - at);
+          stream.copy(memory, 0, at, at + n);
+          at += n;
+          reader.wrote(n);
+        }
+        assertRecords(got, sizes, `cut at ${cut}, chunks of ${chunkSize}`);
+      }
+    }
+  });
+
+  s('an accepted link that carries bulk records reads them in place from then on; one with small records never does', async () => {
+    const pair = await connectPair(mod.default.create({ connectTimeout: 5000, keepAlive: 0 }, testContext()) as StreamTransportPlugin);
+    try {
+      const bulk = Array.from({ length: 64 }, () => MAX);
+      const small = Array.from({ length: 1000 }, (_, i) => 1 + ((i * 37) % 700));
+      const got: Buffer[] = [];
+      let want = small.length;
+      let reached!: () => void;
+      let arrived = new Promise<void>((r) => (reached = r));
+      pair.server.start({
+        record(r) {
+          got.push(r);
+          if (got.length === want) reached();
+        },
+        drain() {},
+        close() {},
+      });
+      const toClient: Buffer[] = [];
+      const clientCloses: (Error | undefined)[] = [];
+      pair.client.start({ record: (r) => void toClient.push(Buffer.from(r)), drain() {}, close: (e) => void clientCloses.push(e) });
+      const inPlace = (r: Buffer) => r.byteOffset === 2 && r.buffer.byteLength === 2 + MAX + 2;
+      // Small records, a few at a time, as a link that carries messages has them.
+      for (let i = 0; i < small.length; i += 10) {
+        pair.client.sendBatch(small.slice(i, i + 10).map((n, j) => patterned(i + j, n)));
+        await sleep(1);
+      }
+      await withTimeout(arrived, 10_000, 'the small records');
+      assertRecords(got.map((r) => Buffer.from(r)), small, 'small records');
+      assert.is(got.filter((r) => r.buffer.byteLength === 2 + MAX + 2).length, 0, 'no small record was read in place');
+
+      got.length = 0;
+      want = bulk.length;
+      arrived = new Promise<void>((r) => (reached = r));
+      for (let i = 0; i < bulk.length; i++) pair.client.send(patterned(i, MAX));
+      await withTimeout(arrived, 10_000, 'the bulk records');
+      assertRecords(got.map((r) => Buffer.from(r)), bulk, 'bulk records');
+      assert.not.ok(inPlace(got[0]!), 'the first bulk record came in a chunk of its own');
+      assert.ok(got.slice(-16).every(inPlace), 'the last records each lie in memory of their own, after their header');
+
+      // The socket made again writes, and closes the link as the accepted one would.
+      for (let i = 0; i < 3; i++) pair.server.send(patterned(i, 1000));
+      pair.server.close();
+      await withTimeout(
+        (async () => {
+          while (clientCloses.length === 0) await sleep(5);
+        })(),
+        5_000,
+        "the client to see the server's close",
+      );
+      assertRecords(toClient, [1000, 1000, 1000], 'records from the server after the switch');
+      assert.equal(clientCloses, [undefined], 'a clean close');
+    } finally {
+      await pair.cleanup();
+    }
+  });
+
   s('a dialed link reads in place: each full record from the server lies in memory of its own, after its header', async () => {
     const pair = await connectPair(mod.default.create({ connectTimeout: 5000, keepAlive: 0 }, testContext()) as StreamTransportPlugin);
     try {
