@@ -42,6 +42,23 @@ interface HandleWithFd {
   fd?: number;
 }
 
+/** What a socket reads straight into: memory for the next read, and how much the socket put there. */
+export interface InPlaceReader {
+  readBuffer(): Buffer;
+  wrote(n: number): void;
+}
+
+/** net.Socket's `onread` that feeds `reader` (a dialed socket's, or one made again here). */
+export function onreadInto(reader: InPlaceReader): OnReadOpts {
+  return {
+    buffer: () => reader.readBuffer(),
+    callback: (n: number) => {
+      reader.wrote(n);
+      return true;
+    },
+  };
+}
+
 /**
  * A new socket over the connection of `accepted` that reads through
  * `onread`, with `accepted` destroyed; null (and `accepted` untouched)

@@ -36,7 +36,7 @@ import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
 import { carryIntoFresh, recordDelivered, retireRecordMemory } from '../core/record-memory.ts';
-import { BulkReads, reopenWithOnread } from '../core/reopen-socket.ts';
+import { BulkReads, onreadInto, reopenWithOnread } from '../core/reopen-socket.ts';
 
 const MAX_RECORD = 0xffff;
 /**
@@ -243,8 +243,8 @@ class TcpLink implements Link {
   readonly remoteAddress: string;
   private handlers: LinkHandlers | undefined;
   private readonly reader: RecordReader;
-  /** The socket reads into the reader's memory (onread); otherwise it reads 'data' events. */
-  private readsInPlace: boolean;
+  /** The socket was made reading into the reader's memory (onread, a dialed one); otherwise it reads 'data' events from start(). */
+  private readonly readsInPlace: boolean;
   /** An accepted socket's reads, until they show bulk records (see readInPlace). */
   private readonly bulk: BulkReads;
   /** 'open' -> 'closing' (close()/destroy() called) -> 'closed' (the socket is gone). */
@@ -333,24 +333,13 @@ class TcpLink implements Link {
     const reader = this.reader;
     // The new socket asks the reader for memory as it is made.
     reader.readFromNowOn();
-    const socket = reopenWithOnread(
-      old,
-      {
-        buffer: () => reader.readBuffer(),
-        callback: (n: number) => {
-          reader.wrote(n);
-          return true;
-        },
-      },
-      { allowHalfOpen: old.allowHalfOpen },
-    );
+    const socket = reopenWithOnread(old, onreadInto(reader), { allowHalfOpen: old.allowHalfOpen });
     if (socket === null) {
       reader.readFromChunks();
       this.bulk.failed(old);
       return;
     }
     this.socket = socket;
-    this.readsInPlace = true;
     this.watch(socket);
     socket.resume();
   }
@@ -556,13 +545,7 @@ export default definePlugin<'transport', TcpOptions>({
           noDelay: true,
           keepAlive,
           keepAliveInitialDelay: keepAliveMs,
-          onread: {
-            buffer: () => reader.readBuffer(),
-            callback: (n: number) => {
-              reader.wrote(n);
-              return true;
-            },
-          },
+          onread: onreadInto(reader),
         });
         const unreachable = (reason: string, text: string, cause?: unknown) =>
           new DshieldError(ErrorCodes.UNREACHABLE, `cannot reach the server at ${shown}: ${text}`, {

@@ -76,7 +76,7 @@ import { abortError, describeDialError, describeListenError, errnoOf } from '../
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
-import { BulkReads, reopenWithOnread } from '../core/reopen-socket.ts';
+import { BulkReads, onreadInto, reopenWithOnread } from '../core/reopen-socket.ts';
 import { checkUpgradeAnswer, newClientKey, upgradeKeyOf, upgradeRequest, upgradeResponse } from '../core/ws-handshake.ts';
 import { maskInPlace, writeMaskKey } from '../core/ws-mask.ts';
 import {
@@ -159,7 +159,7 @@ class WsLink implements Link, WsReaderEvents {
     readonly remoteAddress: string,
     private readonly log: Logger,
     private readonly masking: Masking,
-    private feeding: Feeding,
+    private readonly feeding: Feeding,
     reader?: WsFrameReader,
     private readonly early: Buffer = Buffer.alloc(0),
   ) {
@@ -252,23 +252,12 @@ class WsLink implements Link, WsReaderEvents {
   private readInPlace(): void {
     const old = this.socket;
     const reader = this.reader;
-    const socket = reopenWithOnread(
-      old,
-      {
-        buffer: () => reader.readBuffer(),
-        callback: (n: number) => {
-          reader.wrote(n);
-          return true;
-        },
-      },
-      { allowHalfOpen: old.allowHalfOpen },
-    );
+    const socket = reopenWithOnread(old, onreadInto(reader), { allowHalfOpen: old.allowHalfOpen });
     if (socket === null) {
       this.bulk.failed(old);
       return;
     }
     this.socket = socket;
-    this.feeding = 'onread';
     this.watch(socket);
     socket.resume();
   }
@@ -697,13 +686,7 @@ export default definePlugin<'transport', WsOptions>({
           : net.connect({
               host,
               port,
-              onread: {
-                buffer: () => reader.readBuffer(),
-                callback: (n: number) => {
-                  reader.wrote(n);
-                  return true;
-                },
-              },
+              onread: onreadInto(reader),
             });
         if (secure) socket.on('data', (chunk: Buffer) => reader.push(chunk));
         const unreachable = (reason: string, text: string, cause?: unknown) =>

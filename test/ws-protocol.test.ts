@@ -276,13 +276,35 @@ async function ourServer(): Promise<{ port: number; nextLink(): Promise<Link>; c
   };
 }
 
-test('a ws client against our server: its masked records, fragments and text; our close with 1000', async () => {
-  const server = await ourServer();
+/** A `ws` client connected to our server, and our side's link. */
+async function wsClientOf(server: { port: number; nextLink(): Promise<Link> }): Promise<{ ws: WebSocket; b: ReturnType<typeof probeLink> }> {
   const ws = new WebSocket(`ws://127.0.0.1:${server.port}/dshield`);
   ws.on('error', () => {});
   try {
     await waitFor(new Promise((r) => ws.once('open', r)), 'the ws client to open');
-    const b = probeLink(await server.nextLink());
+    return { ws, b: probeLink(await server.nextLink()) };
+  } catch (err) {
+    ws.terminate();
+    throw err;
+  }
+}
+
+/** Our link closes: the `ws` client sees 1000 and our side one clean close. */
+async function closeOurSide(ws: WebSocket, b: ReturnType<typeof probeLink>): Promise<void> {
+  const closed = waitFor(new Promise<number>((r) => ws.once('close', (code: number) => r(code))), 'the ws client to see the close');
+  b.link.close();
+  assert.is(await closed, 1000);
+  await b.until(() => b.closes.length === 1, 5_000, 'our link closed');
+  assert.is(b.closes[0], undefined, 'a clean close');
+}
+
+test('a ws client against our server: its masked records, fragments and text; our close with 1000', async () => {
+  const server = await ourServer();
+  const { ws, b } = await wsClientOf(server).catch(async (err: unknown) => {
+    await server.close();
+    throw err;
+  });
+  try {
     const got: Buffer[] = [];
     ws.on('message', (m: Buffer) => got.push(Buffer.from(m)));
     ws.send(patterned(1, 65535));
@@ -297,11 +319,7 @@ test('a ws client against our server: its masked records, fragments and text; ou
     await b.until(() => got.length === 1, 5_000, 'our record at the ws client');
     assert.ok(got[0]!.equals(patterned(4, 1234)), 'server frames are not masked');
 
-    const closed = waitFor(new Promise<number>((r) => ws.once('close', (code: number) => r(code))), 'the ws client to see the close');
-    b.link.close();
-    assert.is(await closed, 1000);
-    await b.until(() => b.closes.length === 1, 5_000, 'our link closed');
-    assert.is(b.closes[0], undefined, 'a clean close');
+    await closeOurSide(ws, b);
   } finally {
     ws.terminate();
     await server.close();
@@ -329,11 +347,11 @@ function descriptorOf(local: number, remote: number): number {
 
 test('a server link reads in place once it carries bulk frames: its connection moves to a socket of its own, and works on', async () => {
   const server = await ourServer();
-  const ws = new WebSocket(`ws://127.0.0.1:${server.port}/dshield`);
-  ws.on('error', () => {});
+  const { ws, b } = await wsClientOf(server).catch(async (err: unknown) => {
+    await server.close();
+    throw err;
+  });
   try {
-    await waitFor(new Promise((r) => ws.once('open', r)), 'the ws client to open');
-    const b = probeLink(await server.nextLink());
     const clientPort = (ws as unknown as { _socket: net.Socket })._socket.localPort!;
     const accepted = descriptorOf(server.port, clientPort);
     assert.ok(accepted >= 0, 'the accepted connection is found');
@@ -359,11 +377,7 @@ test('a server link reads in place once it carries bulk frames: its connection m
     b.link.send(patterned(8, 1234));
     await b.until(() => got.length === 1 && b.records.length === 501 + bulk.length, 5_000, 'a record each way after the move');
     assert.ok(got[0]!.equals(patterned(8, 1234)));
-    const closed = waitFor(new Promise<number>((r) => ws.once('close', (code: number) => r(code))), 'the ws client to see the close');
-    b.link.close();
-    assert.is(await closed, 1000);
-    await b.until(() => b.closes.length === 1, 5_000, 'our link closed');
-    assert.is(b.closes[0], undefined, 'a clean close');
+    await closeOurSide(ws, b);
     assert.is(descriptorOf(server.port, clientPort), -1, 'no descriptor left for the connection');
   } finally {
     ws.terminate();
