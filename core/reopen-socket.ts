@@ -131,6 +131,16 @@ export class BulkReads {
   }
 
   /**
+   * `socket` made again to read into `reader` (reopenWithOnread, keeping its
+   * half-open setting), or null, which failed() then accounts for.
+   */
+  reopen(socket: Socket, reader: InPlaceReader): Socket | null {
+    const made = reopenWithOnread(socket, onreadInto(reader), { allowHalfOpen: socket.allowHalfOpen });
+    if (made === null) this.failed(socket);
+    return made;
+  }
+
+  /**
    * reopenWithOnread gave null for `socket`: bytes in its buffers keep it
    * from happening now (tried again after the next bulk chunks); anything
    * else (no descriptor, no koffi) for good.

@@ -36,7 +36,7 @@ import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
 import { carryIntoFresh, recordDelivered, retireRecordMemory } from '../core/record-memory.ts';
-import { BulkReads, onreadInto, reopenWithOnread } from '../core/reopen-socket.ts';
+import { BulkReads, onreadInto } from '../core/reopen-socket.ts';
 
 const MAX_RECORD = 0xffff;
 /**
@@ -329,14 +329,12 @@ class TcpLink implements Link {
    * the link goes on with 'data' events.
    */
   private readInPlace(): void {
-    const old = this.socket;
     const reader = this.reader;
     // The new socket asks the reader for memory as it is made.
     reader.readFromNowOn();
-    const socket = reopenWithOnread(old, onreadInto(reader), { allowHalfOpen: old.allowHalfOpen });
+    const socket = this.bulk.reopen(this.socket, reader);
     if (socket === null) {
       reader.readFromChunks();
-      this.bulk.failed(old);
       return;
     }
     this.socket = socket;

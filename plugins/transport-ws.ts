@@ -76,7 +76,7 @@ import { abortError, describeDialError, describeListenError, errnoOf } from '../
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { formatHostPort, formatPeer, parseHostPort } from '../core/hostport.ts';
 import type { Link, LinkHandlers, Logger, TransportListener, TransportPlugin } from '../core/types.ts';
-import { BulkReads, onreadInto, reopenWithOnread } from '../core/reopen-socket.ts';
+import { BulkReads, onreadInto } from '../core/reopen-socket.ts';
 import { checkUpgradeAnswer, newClientKey, upgradeKeyOf, upgradeRequest, upgradeResponse } from '../core/ws-handshake.ts';
 import { maskInPlace, writeMaskKey } from '../core/ws-mask.ts';
 import {
@@ -250,13 +250,8 @@ class WsLink implements Link, WsReaderEvents {
    * Where that cannot be done the link goes on with 'data' events.
    */
   private readInPlace(): void {
-    const old = this.socket;
-    const reader = this.reader;
-    const socket = reopenWithOnread(old, onreadInto(reader), { allowHalfOpen: old.allowHalfOpen });
-    if (socket === null) {
-      this.bulk.failed(old);
-      return;
-    }
+    const socket = this.bulk.reopen(this.socket, this.reader);
+    if (socket === null) return;
     this.socket = socket;
     this.watch(socket);
     socket.resume();
