@@ -31,7 +31,7 @@ import { checkTunPrerequisites } from './tun/preflight.ts';
 import { recoverLeftovers } from './tun/state.ts';
 import { loadCommonPlugins, staticKeyFrom, type CommonPlugins, type Runtime } from './runtime.ts';
 import type { Duplex } from 'node:stream';
-import type { InboundPlugin, Target, Tunnel, TunnelPackets, TunnelUdp, TunOffload, TunParams } from './types.ts';
+import type { InboundPlugin, OpenStreamOptions, Target, Tunnel, TunnelPackets, TunnelUdp, TunOffload, TunParams } from './types.ts';
 
 export const BACKOFF_START_MS = 1000;
 export const BACKOFF_MAX_MS = 30_000;
@@ -309,9 +309,9 @@ class Connection {
 
   tunnel(): Tunnel {
     return {
-      openStream: async (target: Target): Promise<Duplex> => {
+      openStream: async (target: Target, options?: OpenStreamOptions): Promise<Duplex> => {
         const { mux } = await this.current();
-        return mux.openStream(target, this.rt.signal);
+        return mux.openStream(target, this.rt.signal, options?.early === true);
       },
       openUdp: (): TunnelUdp => new ReconnectingUdp(this),
       ...(this.endpoint ? { packets: this.packets(this.endpoint) } : {}),

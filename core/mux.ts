@@ -49,6 +49,13 @@
  * opens it again). A PING is resent every second or so until its PONG
  * comes back or it times out.
  *
+ * Early data: a client may send DATA (and FIN) on a stream right after its
+ * OPEN, before OPEN_OK, within the protocol's window (openStream's `early`).
+ * The server holds it, at most PROTOCOL_WINDOW bytes per stream, until it
+ * accepts the stream (then the destination gets it) or refuses it (then it
+ * is dropped). This saves the round trip to the server on a new connection
+ * whose client speaks first (an HTTP request, a TLS ClientHello).
+ *
  * Ids: only the client opens streams and UDP associations, with odd ids
  * counting up from 1 (streams and associations are separate id spaces).
  * Even ids are reserved for server-opened ones (unused in dshield/1).
@@ -348,8 +355,10 @@ class MuxStream extends Duplex {
   bytesOut = 0;
   /** OPEN body (client) or OPEN_ERR body (server), encoded once. */
   ctlBody: Buffer | null = null;
-  /** client: the pending openStream promise. */
+  /** client: the pending openStream promise, or for an early stream what ends its opening. */
   settle: ((err: Error | null) => void) | null = null;
+  /** client: handed out before OPEN_OK (openStream's `early`): it may send DATA and FIN while opening. */
+  early = false;
   /** server: for OpenRequest.signal, created on first use. */
   abort: AbortController | null = null;
 
@@ -658,8 +667,14 @@ export class Mux {
    * client: open a stream to target. Resolves after the server accepted it.
    * Rejects with DshieldError: EGRESS_DENIED, DESTINATION (detail.reason),
    * STREAM_RESET (refused, limit, or invalid target), TUNNEL_DOWN (the mux closed).
+   *
+   * `early`: resolve as soon as the OPEN is queued, so that data written at
+   * once travels right behind it (see "Early data" above). A refusal then
+   * comes as the stream's 'error', with the same DshieldError; what was
+   * written before it is lost. Checks made here (a closed mux, too many
+   * streams, a bad target) still reject.
    */
-  openStream(target: Target, signal?: AbortSignal): Promise<Duplex> {
+  openStream(target: Target, signal?: AbortSignal, early = false): Promise<Duplex> {
     if (this.closed) return Promise.reject(tunnelDown('the tunnel closed before the stream could open'));
     if (this.lossy) {
       return Promise.reject(new DshieldError(ErrorCodes.UNSUPPORTED, 'streams (SOCKS5 CONNECT, HTTP proxy) need a stream transport: tcp or ws'));
@@ -690,9 +705,18 @@ export class Mux {
     this.active++;
     this.queueCtl(s, C_OPEN);
     this.grantCredit(s); // a window above the protocol's goes out with OPEN
+    // The runtime's signal, usually: watched without a listener per stream (see core/abort-watch.ts).
+    const unwatch = signal ? watchAbort(signal, () => this.abortOpen(s, abortError(signal, text))) : undefined;
+    if (early) {
+      s.early = true;
+      s.settle = (err) => {
+        s.settle = null;
+        unwatch?.();
+        if (err) s.destroy(err); // handed out already: its owner hears it as the stream's error
+      };
+      return Promise.resolve(s);
+    }
     return new Promise<Duplex>((resolve, reject) => {
-      // The runtime's signal, usually: watched without a listener per stream (see core/abort-watch.ts).
-      const unwatch = signal ? watchAbort(signal, () => this.abortOpen(s, abortError(signal, text))) : undefined;
       s.settle = (err) => {
         s.settle = null;
         unwatch?.();
@@ -958,7 +982,8 @@ export class Mux {
   private onData(id: number, p: Buffer, body: number, len: number): string | undefined {
     const s = this.streams.get(id);
     if (!s || s.state === 'closed') return undefined; // late data for a stream we reset: normal
-    if (s.state !== 'open') return this.violation(s, 'DATA before the stream was open');
+    // Early data (server, pending): held in the stream, within the protocol's window, until accept or reject.
+    if (s.state !== 'open' && s.state !== 'pending') return this.violation(s, 'DATA before the stream was open');
     if (s.finRecv) return this.violation(s, 'DATA after FIN');
     if (len > MAX_DATA) return this.violation(s, `DATA of ${len} bytes (max ${MAX_DATA})`);
     if (len > s.recvCredit) return this.violation(s, 'DATA beyond the flow-control window');
@@ -967,7 +992,8 @@ export class Mux {
     s.bytesIn += len;
     this._bytesIn += len;
     s.push(dataChunk(p, body, len)); // may run the consumer's 'data' handler synchronously
-    this.grantCredit(s);
+    // A pending stream is granted nothing more until accepted: it may yet be refused (see accept()).
+    if (s.state === 'open') this.grantCredit(s);
     return undefined;
   }
 
@@ -1082,7 +1108,7 @@ export class Mux {
   private onFin(id: number, len: number): string | undefined {
     const s = this.streams.get(id);
     if (!s || s.state === 'closed') return undefined;
-    if (s.state !== 'open') return this.violation(s, 'FIN before the stream was open');
+    if (s.state !== 'open' && s.state !== 'pending') return this.violation(s, 'FIN before the stream was open');
     if (len !== 0) return this.violation(s, 'FIN with a body');
     if (s.finRecv) return undefined;
     s.finRecv = true;
@@ -1295,7 +1321,7 @@ export class Mux {
   };
 
   private streamWrite(s: MuxStream, chunks: Buffer[], bytes: number, cb: WriteCallback): void {
-    if (s.state !== 'open' || this.closed) {
+    if (!Mux.sends(s) || this.closed) {
       cb(streamReset(s, `the stream to ${s.targetText} is closed`));
       return;
     }
@@ -1320,7 +1346,7 @@ export class Mux {
   }
 
   private streamFinal(s: MuxStream): void {
-    if (s.state !== 'open' || this.closed || s.finSent) return;
+    if (!Mux.sends(s) || this.closed || s.finSent) return;
     if (s.outBytes > 0) {
       s.finAfterData = true;
       return;
@@ -1457,8 +1483,13 @@ export class Mux {
     return s.outBytes > 0 && (s.sendCredit >= s.outBytes || s.sendCredit >= CREDIT_SLIVER);
   }
 
+  /** Whether s may send DATA and FIN: open, or an early stream still opening (its OPEN goes first: control frames lead). */
+  private static sends(s: MuxStream): boolean {
+    return s.state === 'open' || (s.state === 'opening' && s.early);
+  }
+
   private updateReady(s: MuxStream): void {
-    if (s.state === 'open' && Mux.canSend(s)) {
+    if (Mux.sends(s) && Mux.canSend(s)) {
       if (!this.ready.has(s)) {
         this.ready.add(s);
         this.scheduleFlush();

@@ -402,6 +402,11 @@ export interface TunnelUdp {
   close(): void;
 }
 
+export interface OpenStreamOptions {
+  /** Resolve before the server has reached the destination (see Tunnel.openStream). */
+  early?: boolean;
+}
+
 /** What the client core offers its inbound plugins. */
 export interface Tunnel {
   /**
@@ -409,8 +414,14 @@ export interface Tunnel {
    * it waits (up to client.connectWait) instead of failing. Rejects with a
    * DshieldError whose code says why (EGRESS_DENIED, DESTINATION with
    * detail.reason, TUNNEL_DOWN).
+   *
+   * With `early`, resolves once the open is on its way, without waiting for
+   * the server to reach the destination: what is written at once travels
+   * right behind the open (one round trip to the server less per
+   * connection). A refusal then arrives as the stream's 'error', with the
+   * same DshieldError, and what was written is lost.
    */
-  openStream(target: Target): Promise<Duplex>;
+  openStream(target: Target, options?: OpenStreamOptions): Promise<Duplex>;
   /** Open a UDP association through the tunnel. */
   openUdp(): TunnelUdp;
   /**

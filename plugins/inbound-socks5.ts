@@ -6,6 +6,13 @@
  * The handshake is parsed as a state machine over a small bounded buffer, so a
  * client that sends garbage, dribbles bytes or stalls costs at most
  * MAX_HANDSHAKE_BYTES and `handshakeTimeout` ms before it is dropped.
+ *
+ * With `earlyReply` (the default) CONNECT is answered as soon as the open is
+ * on its way, and what the app writes next follows it (Tunnel.openStream's
+ * `early`), as shadowsocks does: one round trip to the server less per
+ * connection. A refused destination then closes the connection after the
+ * success reply; with earlyReply false the reply waits for the server and
+ * carries the reason (reply codes 0x02-0x06).
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
@@ -25,6 +32,7 @@ interface Options {
   password?: string;
   udp: boolean;
   handshakeTimeout: number;
+  earlyReply: boolean;
 }
 
 const VERSION = 0x05;
@@ -177,6 +185,12 @@ export default definePlugin<'inbound', Options>({
       default: 10_000,
       validate: portNumber,
     },
+    earlyReply: {
+      type: 'boolean',
+      description:
+        'answer CONNECT at once and send what the app writes right behind the open, without waiting for the server to reach the destination: one round trip to the server less per connection; a destination that cannot be reached then closes the connection after a success reply, instead of a SOCKS5 error code',
+      default: true,
+    },
   },
   create(options, ctx) {
     const listen = options.listen ?? '127.0.0.1:1080';
@@ -189,6 +203,7 @@ export default definePlugin<'inbound', Options>({
     const auth = username !== undefined ? { user: secretDigest(username), pass: secretDigest(password!) } : undefined;
     const allowUdp = options.udp ?? true;
     const handshakeTimeout = options.handshakeTimeout ?? 10_000;
+    const earlyReply = options.earlyReply ?? true;
     const log = ctx.log;
 
     // Rosters, not Sets: every client connection passes through (see core/roster.ts).
@@ -314,11 +329,20 @@ export default definePlugin<'inbound', Options>({
         // Hold what the client sends next until the stream exists; the socket buffers it (TCP backpressure).
         socket.removeListener('data', onData);
         socket.pause();
-        tunnel.openStream(target).then(
+        tunnel.openStream(target, { early: earlyReply }).then(
           (stream) => {
             if (socket.destroyed || closed) {
               stream.destroy();
               return;
+            }
+            if (earlyReply) {
+              // The open may still be refused: the app then sees its connection closed, and the log says why.
+              stream.once('error', (err: Error) =>
+                log.debug('stream failed', {
+                  target: formatHostPort(target.host, target.port),
+                  error: err instanceof DshieldError ? err.code : err.message,
+                }),
+              );
             }
             const local = parseIp(plainAddress(socket.localAddress) ?? '') ?? ZERO_V4;
             socket.write(reply(SocksReply.SUCCEEDED, local, socket.localPort ?? 0));

@@ -957,4 +957,73 @@ test('openStream to an invalid target rejects at once; the server never hears of
   assert.is(pair.client.activeStreams, 0);
 });
 
+test('an early stream: its data and FIN, sent before OPEN_OK, wait on the server and reach the destination once it accepts', async () => {
+  const reqs: OpenRequest[] = [];
+  pair = muxPair({ server: { onOpen: (req) => reqs.push(req) } });
+  // Resolves with the OPEN only queued: the server has not even heard of the stream yet.
+  const a = quiet(await withTimeout(pair.client.openStream(T, undefined, true), 1000, 'early open'));
+  assert.is(reqs.length, 0, 'resolved before the server saw the OPEN');
+  const request = randomBytes(40 * KiB);
+  a.end(request);
+  await until(() => reqs.length === 1, 1000, 'OPEN on the server');
+  await sleep(20); // the DATA and FIN behind the OPEN arrive while the server has not answered
+  assert.is(pair.server.activeStreams, 1);
+  const s = quiet(reqs[0].accept());
+  const got = await withTimeout(readAll(s), 2000, 'early data on the server');
+  assert.is(sha(got), sha(request), 'the early data, whole and in order, then the end');
+  s.end(Buffer.from('answer'));
+  assert.is((await withTimeout(readAll(a), 2000, 'answer on the client')).toString(), 'answer');
+  await until(() => pair!.client.activeStreams === 0 && pair!.server.activeStreams === 0, 1000, 'both closed');
+});
+
+test('an early stream the server refuses: the client stream errors with the same code, the early data is dropped', async () => {
+  const reqs: OpenRequest[] = [];
+  pair = muxPair({ server: { onOpen: (req) => reqs.push(req) } });
+  const a = await withTimeout(pair.client.openStream({ host: '203.0.113.9', port: 25 }, undefined, true), 1000, 'early open');
+  const failed = new Promise<Error>((r) => a.once('error', r));
+  a.write(randomBytes(100 * KiB));
+  await until(() => reqs.length === 1, 1000, 'OPEN on the server');
+  await sleep(20);
+  reqs[0].reject(Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }));
+  const err = await withTimeout(failed, 1000, 'client stream error');
+  assert.ok(isDshieldError(err, ErrorCodes.DESTINATION), String(err));
+  assert.is(err.detail?.reason, 'refused');
+  assert.is(err.detail?.target, '203.0.113.9:25');
+  await until(() => pair!.client.activeStreams === 0 && pair!.server.activeStreams === 0, 1000, 'nothing left open');
+  assert.is(pair.server.bufferedAmount, 0, 'the refused stream holds none of its early data');
+});
+
+test('an early stream: the tunnel closing or the caller aborting before OPEN_OK errors it', async () => {
+  pair = muxPair({ server: { onOpen: () => {} } });
+  const a = await withTimeout(pair.client.openStream(T, undefined, true), 1000, 'early open');
+  const down = new Promise<Error>((r) => a.once('error', r));
+  pair.client.close();
+  assert.ok(isDshieldError(await withTimeout(down, 1000, 'tunnel down'), ErrorCodes.TUNNEL_DOWN));
+
+  pair = muxPair({ server: { onOpen: () => {} } });
+  const ac = new AbortController();
+  const b = await withTimeout(pair.client.openStream(T, ac.signal, true), 1000, 'early open');
+  const aborted = new Promise<Error>((r) => b.once('error', r));
+  ac.abort();
+  assert.ok(isDshieldError(await withTimeout(aborted, 1000, 'aborted'), ErrorCodes.STREAM_RESET));
+  assert.is(pair.client.activeStreams, 0);
+});
+
+test('early DATA beyond the protocol window resets the pending stream: a server holds at most PROTOCOL_WINDOW per stream', async () => {
+  const reqs: OpenRequest[] = [];
+  pair = muxPair({ server: { onOpen: (req) => reqs.push(req) } });
+  pair.server.receive(encodeFrame(FrameType.OPEN, 1, encodeAddress(T)));
+  assert.is(reqs.length, 1);
+  const full = encodeFrame(FrameType.DATA, 1, Buffer.alloc(MAX_DATA, 7));
+  for (let i = 0; i < PROTOCOL_WINDOW / MAX_DATA; i++) pair.server.receive(full);
+  assert.is(pair.server.bufferedAmount, PROTOCOL_WINDOW, 'exactly the window is held');
+  assert.not.ok(reqs[0].signal.aborted);
+  pair.server.receive(full); // one frame too many
+  assert.ok(reqs[0].signal.aborted, 'the open request sees the reset');
+  assert.ok(reqs[0].accept().destroyed, 'accept() after it returns a destroyed stream');
+  assert.is(pair.server.activeStreams, 0);
+  // Gone once its RST is out: nothing of it stays held.
+  await until(() => pair!.server.bufferedAmount === 0, 1000, 'the held data released');
+});
+
 test.run();

@@ -13,6 +13,7 @@ import { curl } from './helpers/curl.ts';
 import { startRelay, type Relay } from './helpers/relay.ts';
 import { startClientProc, startServerProc, startTunnel } from './helpers/tunnel.ts';
 import { socksConnect } from './helpers/socks.ts';
+import { withTimeout } from './helpers/timeout.ts';
 import { startWebServer, sha256, type WebServer } from './helpers/web.ts';
 import { generateKeyPair } from '../core/x25519.ts';
 
@@ -138,8 +139,11 @@ test('random bytes to the server port: no reply, no crash, good clients still se
   }
 });
 
+/** The client's SOCKS5 proxy with its reply held until the server has dialed (earlyReply off), so the reply carries the reason. */
+const REPLY_AFTER_DIAL = ['--set', `client.socks=${JSON.stringify({ listen: '127.0.0.1:0', earlyReply: false })}`];
+
 test('egress: 127.0.0.1 is refused by default (SOCKS reply 0x02)', async () => {
-  const t = await startTunnel({ allow: [] });
+  const t = await startTunnel({ allow: [], clientArgs: REPLY_AFTER_DIAL });
   try {
     const { reply, socket } = await socksConnect(Number(t.socks.split(':')[1]), '127.0.0.1', web.port);
     socket.destroy();
@@ -147,6 +151,24 @@ test('egress: 127.0.0.1 is refused by default (SOCKS reply 0x02)', async () => {
     const { reply: viaName, socket: s2 } = await socksConnect(Number(t.socks.split(':')[1]), 'localhost', web.port);
     s2.destroy();
     assert.is(viaName, 0x02, 'a name that resolves to loopback is refused too');
+  } finally {
+    await t.close();
+  }
+});
+
+test('egress, with the early SOCKS5 reply (the default): a refused destination closes the connection, and nothing reaches it', async () => {
+  const t = await startTunnel({ allow: [] });
+  try {
+    const before = web.seen.length;
+    const { reply, socket } = await socksConnect(Number(t.socks.split(':')[1]), '127.0.0.1', web.port);
+    assert.is(reply, 0x00, 'answered before the server could refuse');
+    const closed = new Promise<void>((r) => socket.once('close', () => r()));
+    const got = collectFor(socket, 3000);
+    socket.write(`GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`);
+    await withTimeout(closed, 5000, 'the proxy closes the refused connection');
+    assert.not.match((await got).toString('latin1'), /HTTP\//, 'no answer came back');
+    assert.is(web.seen.length, before, 'the early request never reached the destination');
+    await t.client.waitFor(/stream failed.*DSHIELD_ERR_EGRESS_DENIED/, 5000);
   } finally {
     await t.close();
   }
