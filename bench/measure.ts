@@ -43,6 +43,14 @@ async function iperf(bt: BenchTopology, args: string[], seconds: number): Promis
     // iperf3's own race at a test's end through a NAT (esnet/iperf#499: the server closes the
     // control connection before the client has, and it is reset): seen once in the bench's
     // UDP search, through a tunnel that went on working. Retried once, and said so.
+    // A persistent iperf3 server closes its listening socket after each test and makes it
+    // again, so a connection that comes while the last test is finishing is reset or
+    // refused (esnet/iperf#2066; seen once here, through TUN over ws). Retried once, and said so.
+    if (parsed.error && /unable to connect to server: connection (refused|reset)/i.test(parsed.error) && attempt < 2) {
+      console.log(`    iperf3 ${args.join(' ')}: ${parsed.error}; retrying once`);
+      await new Promise((res) => setTimeout(res, 1500));
+      continue;
+    }
     if (parsed.error && /control (message|socket)/i.test(parsed.error) && attempt < 2) {
       console.log(`    iperf3 ${args.join(' ')}: ${parsed.error}; retrying once`);
       await new Promise((res) => setTimeout(res, 1500));

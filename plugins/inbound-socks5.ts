@@ -323,7 +323,7 @@ export default definePlugin<'inbound', Options>({
         }
       };
 
-      const startConnect = (target: Target, early: Buffer): void => {
+      const startConnect = (target: Target, pipelined: Buffer): void => {
         state = 'done';
         clearTimeout(timer);
         // Hold what the client sends next until the stream exists; the socket buffers it (TCP backpressure).
@@ -346,7 +346,7 @@ export default definePlugin<'inbound', Options>({
             }
             const local = parseIp(plainAddress(socket.localAddress) ?? '') ?? ZERO_V4;
             socket.write(reply(SocksReply.SUCCEEDED, local, socket.localPort ?? 0));
-            if (early.length > 0) stream.write(early);
+            if (pipelined.length > 0) stream.write(pipelined); // bytes the app sent right behind its request
             void splice(socket, stream);
           },
           (err: unknown) => {
