@@ -18,7 +18,7 @@
  * kernel: what a C VPN pays for them in the same state.
  *
  * Not part of `npm run bench`: it compares no systems and has no target;
- * README "Where the ping falls short" quotes it. Traffic: one UDP socket on
+ * the README's "Where it falls short" quotes it. Traffic: one UDP socket on
  * 127.0.0.1 sending to itself. Every loop is bounded by ROUNDS.
  */
 import { execFileSync, spawnSync } from 'node:child_process';

@@ -142,7 +142,7 @@ test('random bytes to the server port: no reply, no crash, good clients still se
 /** The client's SOCKS5 proxy with its reply held until the server has dialed (earlyReply off), so the reply carries the reason. */
 const REPLY_AFTER_DIAL = ['--set', `client.socks=${JSON.stringify({ listen: '127.0.0.1:0', earlyReply: false })}`];
 
-test('egress: 127.0.0.1 is refused by default (SOCKS reply 0x02)', async () => {
+test('egress: 127.0.0.1 is refused by default (SOCKS reply 0x02, with earlyReply false)', async () => {
   const t = await startTunnel({ allow: [], clientArgs: REPLY_AFTER_DIAL });
   try {
     const { reply, socket } = await socksConnect(Number(t.socks.split(':')[1]), '127.0.0.1', web.port);
