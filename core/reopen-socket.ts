@@ -150,4 +150,3 @@ export class BulkReads {
     this.possible = socket.writableLength > 0 || socket.readableLength > 0;
   }
 }
-
