@@ -16,6 +16,7 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { encodeKey } from '../core/keys.ts';
+import { loadLibsodiumAesGcm, loadLibsodiumChaCha } from '../core/libsodium-aead.ts';
 import { generateKeyPair } from '../core/x25519.ts';
 import { CLI, ROOT } from '../test/helpers/cli.ts';
 import { startIn, type BenchProc } from './proc.ts';
@@ -104,6 +105,13 @@ export function startCliIn(ns: string, name: string, mode: 'server' | 'client', 
   return pin ? startIn(ns, name, 'taskset', ['-c', pin, ...argv], { cwd: ROOT }) : startIn(ns, name, argv[0]!, argv.slice(1), { cwd: ROOT });
 }
 
+/** Which library seals dshield's small records here (core/libsodium-aead.ts): the same loaders the cipher plugins use. */
+function smallRecords(cipher: string): string {
+  const aes = cipher === 'aes-256-gcm';
+  if ((aes ? loadLibsodiumAesGcm() : loadLibsodiumChaCha()) !== null) return 'records under 4 KiB sealed by the system libsodium';
+  return `records under 4 KiB sealed by ${aes ? 'OpenSSL' : 'sodium-native'}: no system libsodium`;
+}
+
 /** Why dshield TUN mode over `transport` cannot run in this checkout, or undefined. */
 export function tunAvailability(transport: string): string | undefined {
   const need = ['plugins/inbound-tun.ts', ...(transport === 'udp' ? ['plugins/transport-udp.ts'] : [])];
@@ -139,7 +147,7 @@ export function dshieldProxy(transport: 'tcp' | 'ws', cipher: string): SystemSpe
         pids: procs.map((p) => p.pid),
         socks: '127.0.0.1:1080',
         curlProxy: ['--socks5-hostname', '127.0.0.1:1080'],
-        notes: [`dshield CLI, ${transport}, ${cipher}`],
+        notes: [`dshield CLI, ${transport}, ${cipher}`, smallRecords(cipher)],
         stop: async () => {
           await Promise.allSettled(procs.map((p) => p.stop()));
         },
@@ -191,7 +199,7 @@ export function dshieldTun(transport: 'udp' | 'tcp' | 'ws', cipher: string): Sys
       }
       return {
         pids: procs.map((p) => p.pid),
-        notes: [`dshield CLI, TUN over ${transport}, ${cipher}`],
+        notes: [`dshield CLI, TUN over ${transport}, ${cipher}`, smallRecords(cipher)],
         stop: async () => {
           await Promise.allSettled(procs.map((p) => p.stop()));
         },

@@ -1,6 +1,7 @@
 /**
- * The peers come from Debian: find the tools each system needs, and install
- * the missing packages with apt-get (root only, bounded in time), unless
+ * The peers come from Debian: find the tools each system needs (and the
+ * libsodium dshield uses when there is one), and install the missing
+ * packages with apt-get (root only, bounded in time), unless
  * DSHIELD_BENCH_NO_INSTALL=1. A package Debian does not have is reported and
  * the systems needing it are skipped.
  */
@@ -41,10 +42,25 @@ function sh(cmd: string, args: string[], timeoutMs: number): Promise<{ code: num
 export async function ensureTools(tools: string[], noInstall: boolean): Promise<string[]> {
   const missing = [...new Set(tools.filter((t) => !hasTool(t)))];
   if (missing.length === 0) return [];
-  const packages = [...new Set(missing.map((t) => PACKAGE_OF[t] ?? t))];
-  if (noInstall) return [`missing ${missing.join(', ')} (packages ${packages.join(' ')}); DSHIELD_BENCH_NO_INSTALL=1, so not installed`];
-  if (typeof process.getuid === 'function' && process.getuid() !== 0) return [`missing ${missing.join(', ')}: run as root to install ${packages.join(' ')}`];
-  if (!hasTool('apt-get')) return [`missing ${missing.join(', ')} and no apt-get here to install ${packages.join(' ')}`];
+  return installPackages([...new Set(missing.map((t) => PACKAGE_OF[t] ?? t))], `missing ${missing.join(', ')}`, noInstall);
+}
+
+/**
+ * dshield seals small records through the system's libsodium when one is
+ * installed (core/libsodium-aead.ts), as a user's machine with
+ * shadowsocks-libev or many other packages has it: installs Debian's
+ * libsodium23 when no libsodium is known to the dynamic linker.
+ */
+export async function ensureLibsodium(noInstall: boolean): Promise<string[]> {
+  const known = await sh('ldconfig', ['-p'], 30_000);
+  if (known.code === 0 && /\blibsodium\.so\b/.test(known.out)) return [];
+  return installPackages(['libsodium23'], 'no system libsodium (dshield falls back to sodium-native)', noInstall);
+}
+
+async function installPackages(packages: string[], what: string, noInstall: boolean): Promise<string[]> {
+  if (noInstall) return [`${what} (packages ${packages.join(' ')}); DSHIELD_BENCH_NO_INSTALL=1, so not installed`];
+  if (typeof process.getuid === 'function' && process.getuid() !== 0) return [`${what}: run as root to install ${packages.join(' ')}`];
+  if (!hasTool('apt-get')) return [`${what} and no apt-get here to install ${packages.join(' ')}`];
   const problems: string[] = [];
   console.log(`installing from Debian: ${packages.join(' ')} (apt-get update, then install)`);
   await sh('apt-get', ['update', '-q'], 300_000);
@@ -52,7 +68,7 @@ export async function ensureTools(tools: string[], noInstall: boolean): Promise<
   for (const pkg of packages) {
     const policy = await sh('apt-cache', ['policy', pkg], 30_000);
     const candidate = /Candidate:\s*(\S+)/.exec(policy.out)?.[1];
-    if (!candidate || candidate === '(none)') problems.push(`package ${pkg} does not exist in this Debian release: the systems needing it are skipped`);
+    if (!candidate || candidate === '(none)') problems.push(`package ${pkg} does not exist in this Debian release`);
     else available.push(pkg);
   }
   if (available.length) {

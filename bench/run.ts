@@ -23,7 +23,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { canRunNetns } from '../test/helpers/netns.ts';
 import { NotAvailable, dshieldProxy, dshieldTun } from './dshield.ts';
-import { ensureTools } from './install.ts';
+import { ensureLibsodium, ensureTools } from './install.ts';
 import { hasTool } from '../test/helpers/netns.ts';
 import { curlDownload, curlUpload, iperfTcp, pingRtt, sequentialRequests, udpSearch } from './measure.ts';
 import * as peers from './peers.ts';
@@ -204,7 +204,7 @@ async function main(): Promise<void> {
   const loads: Array<{ at: string; load: number[] }> = [{ at: 'start', load: load() }];
   console.log(`dshield bench: ${QUICK ? 'QUICK' : 'full'} mode, ${RUNS} runs per measurement, sections ${[...SECTIONS].join(',')}; load average ${load().join(' ')}`);
   const toolNeeds = ['iperf3', 'curl', 'openssl', 'taskset', ...(SECTIONS.has('tun') && wanted('hop/floor') ? ['socat'] : []), ...new Set([...TUN_SYSTEMS, ...PROXY_SYSTEMS].filter((s) => wanted(s.id)).flatMap((s) => s.needs))];
-  const problems = await ensureTools(toolNeeds, NO_INSTALL);
+  const problems = [...(await ensureTools(toolNeeds, NO_INSTALL)), ...(await ensureLibsodium(NO_INSTALL))];
   for (const p of problems) console.log(`  ${p}`);
   for (const t of ['iperf3', 'curl']) {
     if (!hasTool(t)) {

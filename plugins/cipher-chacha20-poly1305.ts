@@ -2,13 +2,16 @@
  * ChaCha20-Poly1305 (RFC 8439) as Noise's "ChaChaPoly": the 96-bit nonce is
  * 4 zero bytes followed by the 64-bit counter, little-endian. Sealed and
  * opened in place: records under 4 KiB (TUN packets, small stream writes)
- * by libsodium (sodium-native), whose one call is the cheapest there;
- * larger ones by Node's OpenSSL through koffi, about twice as fast per byte
+ * by libsodium, whose one call is the cheapest there: the system's
+ * libsodium through koffi where one is installed (core/libsodium-aead.ts
+ * says why it is cheaper), else the one inside sodium-native; larger
+ * records by Node's OpenSSL through koffi, about twice as fast per byte
  * (core/openssl-aead.ts). Either alone where the other cannot load;
  * node:crypto where neither can (core/sodium-aead.ts says why). Usually the
  * fastest choice on CPUs without AES instructions.
  */
 import { bySize, nodeAead, type InPlaceAead } from '../core/aead.ts';
+import { loadLibsodiumChaCha } from '../core/libsodium-aead.ts';
 import { loadOpenSslChaCha } from '../core/openssl-aead.ts';
 import { loadSodiumChaCha } from '../core/sodium-aead.ts';
 import { definePlugin } from '../core/define.ts';
@@ -19,7 +22,7 @@ const LARGE_RECORD = 4096;
 
 /** The in-place AEAD this plugin uses; exported so a data-path thread makes the same (CipherPlugin.thread). */
 export function fastChaCha(): InPlaceAead | null {
-  const sodium = loadSodiumChaCha();
+  const sodium = loadLibsodiumChaCha() ?? loadSodiumChaCha();
   const openssl = loadOpenSslChaCha();
   if (sodium !== null && openssl !== null) return bySize(sodium, openssl, LARGE_RECORD);
   return sodium ?? openssl;

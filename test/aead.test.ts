@@ -1,8 +1,9 @@
 /**
  * Each cipher plugin seals through in-place fast paths when they load
- * (libsodium's ChaCha20-Poly1305, Node's OpenSSL ChaCha20-Poly1305 and
- * AES-256-GCM through koffi, and the chacha20-poly1305 plugin's split of
- * the first two by record size) and through node:crypto when they do not:
+ * (the system libsodium's ChaCha20-Poly1305 and AES-256-GCM through koffi,
+ * sodium-native's ChaCha20-Poly1305, Node's OpenSSL ChaCha20-Poly1305 and
+ * AES-256-GCM through koffi, and each plugin's split of them by record
+ * size) and through node:crypto when they do not:
  * every path must be interchangeable on the wire, so a client on one talks
  * to a server on another.
  */
@@ -10,24 +11,33 @@ import { randomBytes } from 'node:crypto';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { bySize, nodeAead, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
+import { loadLibsodiumAesGcm, loadLibsodiumChaCha } from '../core/libsodium-aead.ts';
 import { loadOpenSslAesGcm, loadOpenSslChaCha } from '../core/openssl-aead.ts';
 import { loadSodiumChaCha } from '../core/sodium-aead.ts';
+import { fastAesGcm } from '../plugins/cipher-aes-256-gcm.ts';
+import { fastChaCha } from '../plugins/cipher-chacha20-poly1305.ts';
 
 const CHACHA: NodeAeadSpec = { name: 'chacha20-poly1305', noiseName: 'ChaChaPoly', algorithm: 'chacha20-poly1305', counterByteOrder: 'LE' };
+const AES_GCM: NodeAeadSpec = { name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE' };
 const sodiumChaCha = loadSodiumChaCha();
 const opensslChaCha = loadOpenSslChaCha();
-const CASES: { spec: NodeAeadSpec; fast: InPlaceAead | null; library: string }[] = [
-  { spec: CHACHA, fast: sodiumChaCha, library: 'libsodium' },
+/** `checksLengths`: the path hands memory to C by address, so it must refuse an output too small itself. */
+const CASES: { spec: NodeAeadSpec; fast: InPlaceAead | null; library: string; checksLengths?: boolean }[] = [
+  { spec: CHACHA, fast: loadLibsodiumChaCha(), library: 'the system libsodium through koffi', checksLengths: true },
+  { spec: CHACHA, fast: sodiumChaCha, library: 'sodium-native' },
   { spec: CHACHA, fast: opensslChaCha, library: 'OpenSSL through koffi' },
   {
     spec: CHACHA,
     fast: sodiumChaCha && opensslChaCha && bySize(sodiumChaCha, opensslChaCha, 4096),
-    library: 'libsodium under 4 KiB and OpenSSL above (as the plugin does)',
+    library: 'sodium-native under 4 KiB and OpenSSL above',
   },
-  { spec: { name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE' }, fast: loadOpenSslAesGcm(), library: 'OpenSSL through koffi' },
+  { spec: CHACHA, fast: fastChaCha(), library: 'the plugin\'s split (system libsodium under 4 KiB, OpenSSL above)' },
+  { spec: AES_GCM, fast: loadLibsodiumAesGcm(), library: 'the system libsodium through koffi', checksLengths: true },
+  { spec: AES_GCM, fast: loadOpenSslAesGcm(), library: 'OpenSSL through koffi' },
+  { spec: AES_GCM, fast: fastAesGcm(), library: 'the plugin\'s split (system libsodium under 4 KiB, OpenSSL above)' },
 ];
 
-for (const { spec, fast, library } of CASES) {
+for (const { spec, fast, library, checksLengths } of CASES) {
   const viaFast = nodeAead({ ...spec, fast });
   const viaNode = nodeAead({ ...spec, fast: null });
 
@@ -88,6 +98,21 @@ for (const { spec, fast, library } of CASES) {
     assert.ok(viaFast.decrypt(key, 1, Buffer.alloc(0), after)?.equals(pt));
     assert.is(viaFast.decrypt(key, 1, Buffer.alloc(0), before), null, 'what the old key sealed no longer opens');
   });
+
+  if (checksLengths) {
+    test(`${spec.name}: ${library} refuses an output too small for the record, before the library writes`, () => {
+      const key = randomBytes(32);
+      const pt = randomBytes(100);
+      const sealed = viaNode.encrypt(key, 3, Buffer.alloc(0), pt);
+      const guard = Buffer.alloc(200, 0x55);
+      assert.throws(() => fast!.encryptInto(key, 3, Buffer.alloc(0), pt, guard.subarray(0, 115)), RangeError);
+      assert.ok(guard.every((b) => b === 0x55), 'nothing was written');
+      assert.is(fast!.decryptInto(key, 3, Buffer.alloc(0), sealed, guard.subarray(0, 99)), false);
+      assert.ok(guard.every((b) => b === 0x55), 'nothing was written');
+      assert.is(fast!.decryptInto(key, 3, Buffer.alloc(0), sealed.subarray(0, 15), guard), false, 'shorter than a tag');
+      assert.throws(() => fast!.encryptInto(key.subarray(0, 16), 3, Buffer.alloc(0), pt, Buffer.alloc(116)), RangeError, 'a short key');
+    });
+  }
 }
 
 test.run();
