@@ -54,7 +54,7 @@ export async function ensureTools(tools: string[], noInstall: boolean): Promise<
 export async function ensureLibsodium(noInstall: boolean): Promise<string[]> {
   const known = await sh('ldconfig', ['-p'], 30_000);
   if (known.code === 0 && /\blibsodium\.so\b/.test(known.out)) return [];
-  return installPackages(['libsodium23'], 'no system libsodium (dshield falls back to sodium-native)', noInstall);
+  return installPackages(['libsodium23'], 'no system libsodium (dshield seals small records through sodium-native or OpenSSL instead)', noInstall);
 }
 
 async function installPackages(packages: string[], what: string, noInstall: boolean): Promise<string[]> {
