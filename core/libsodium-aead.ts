@@ -6,9 +6,9 @@
  * Why: on a CPU back from idle, which is where a lone packet (a ping, a
  * SYN) finds it, the crossing from JavaScript into native code costs more
  * than the cipher, and koffi's crossing is the cheaper one. Sealing a
- * ping's 84 bytes as the first call after 10 ms idle took 18-20 µs through
- * koffi against 30-33 µs through sodium-native's N-API binding (the same
- * libsodium code; 9-15 µs from C), and AES-256-GCM 8-14 µs against 25-56
+ * ping's 84 bytes as the first call after 10 ms idle took 18-26 µs through
+ * koffi against 32-48 µs through sodium-native's N-API binding (the same
+ * libsodium code; 9-15 µs from C), and AES-256-GCM 8-22 µs against 25-75
  * µs for OpenSSL's five EVP calls through koffi (bench/cold-calls.ts).
  * Warm, too, it is the cheapest for records of a few KiB: 0.75 against
  * 1.09 µs at 84 bytes, 1.3 against 2.1 µs for AES-256-GCM at 1400.
