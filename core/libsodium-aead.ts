@@ -26,9 +26,9 @@
  * Lengths are checked here, not by the library: koffi hands it the
  * buffers' memory and libsodium writes what the lengths say.
  */
-import { createCipheriv, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { createRequire } from 'node:module';
-import { noiseNonce, type InPlaceAead } from './aead.ts';
+import { nodeAead, noiseNonce, type InPlaceAead, type NodeAeadSpec } from './aead.ts';
 
 type Koffi = typeof import('koffi');
 
@@ -80,13 +80,13 @@ function sodium(): Sodium | null {
 /** libsodium's ChaCha20-Poly1305 through koffi, or null when no system libsodium loads here. */
 export function loadLibsodiumChaCha(): InPlaceAead | null {
   const s = sodium();
-  return s === null ? null : checked(inPlace(s.chacha.seal, s.chacha.open, 'LE'), 'chacha20-poly1305', 'LE');
+  return s === null ? null : checked(inPlace(s.chacha.seal, s.chacha.open, 'LE'), { name: 'chacha20-poly1305', noiseName: 'ChaChaPoly', algorithm: 'chacha20-poly1305', counterByteOrder: 'LE' });
 }
 
 /** libsodium's AES-256-GCM through koffi, or null when no system libsodium loads or the CPU lacks AES-NI and CLMUL. */
 export function loadLibsodiumAesGcm(): InPlaceAead | null {
   const s = sodium();
-  return s === null || s.aesGcm === null ? null : checked(inPlace(s.aesGcm.seal, s.aesGcm.open, 'BE'), 'aes-256-gcm', 'BE');
+  return s === null || s.aesGcm === null ? null : checked(inPlace(s.aesGcm.seal, s.aesGcm.open, 'BE'), { name: 'aes-256-gcm', noiseName: 'AESGCM', algorithm: 'aes-256-gcm', counterByteOrder: 'BE' });
 }
 
 function inPlace(seal: Seal, open: Open, order: 'BE' | 'LE'): InPlaceAead {
@@ -108,18 +108,14 @@ function inPlace(seal: Seal, open: Open, order: 'BE' | 'LE'): InPlaceAead {
   };
 }
 
-/** `aead` if it seals as node:crypto does, opens in place and refuses an altered record; else null. */
-function checked(aead: InPlaceAead, algorithm: 'chacha20-poly1305' | 'aes-256-gcm', order: 'BE' | 'LE'): InPlaceAead | null {
+/** `aead` if it seals as node:crypto does (`spec` without a fast path), opens in place and refuses an altered record; else null. */
+function checked(aead: InPlaceAead, spec: NodeAeadSpec): InPlaceAead | null {
   try {
     const key = randomBytes(32);
     const ad = randomBytes(13);
     const plaintext = randomBytes(100);
     const counter = 2 ** 32 + 5;
-    const { nonce, set } = noiseNonce(order);
-    set(counter);
-    const cipher = createCipheriv(algorithm as 'chacha20-poly1305', key, nonce, { authTagLength: TAG_LENGTH }); // one overload takes both
-    cipher.setAAD(ad, { plaintextLength: plaintext.length });
-    const expected = Buffer.concat([cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
+    const expected = nodeAead({ ...spec, fast: null }).encrypt(key, counter, ad, plaintext);
     const memory = Buffer.alloc(plaintext.length + TAG_LENGTH);
     plaintext.copy(memory);
     aead.encryptInto(key, counter, ad, memory.subarray(0, plaintext.length), memory);
