@@ -184,7 +184,7 @@ export function evaluateTargets(rows: Row[]): Target[] {
  */
 function hopFloorNote(rows: Row[]): string {
   const c = find(rows, 'hop/socat', 'hop-rtt');
-  const nodes = [find(rows, 'hop/node', 'hop-rtt'), find(rows, 'hop/node-loop', 'hop-rtt')].filter(ok);
+  const nodes = ['hop/node', 'hop/node-loop', 'hop/node-uring'].map((id) => find(rows, id, 'hop-rtt')).filter(ok);
   if (!ok(c) || nodes.length === 0) return '';
   const perHop = Math.min(...nodes.map((n) => n.median)) - c.median;
   return `; floor: the leanest Node relay hop costs ${signed(perHop)} ms over a C one here, ×4 hops per ping = ${signed(4 * perHop)} ms`;

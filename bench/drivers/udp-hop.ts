@@ -1,8 +1,9 @@
 /**
- * Relay-hop driver (bench/hop-floor.ts), three roles:
+ * Relay-hop driver (bench/hop-floor.ts), four roles:
  *
  *   node --import tsx bench/drivers/udp-hop.ts echo  PORT
  *   node --import tsx bench/drivers/udp-hop.ts loop  PORT
+ *   node --import tsx bench/drivers/udp-hop.ts uring PORT
  *   node --import tsx bench/drivers/udp-hop.ts probe HOST PORT COUNT INTERVAL_MS LOCAL_PORT
  *
  * echo:  node:dgram, each datagram sent straight back: the least work a Node
@@ -11,6 +12,9 @@
  *        blocks in poll(2) and answers with recvfrom(2) and sendto(2) through
  *        koffi, never returning to libuv: the least a Node process can do per
  *        packet at all. Ended by a signal.
+ * uring: the loop's echo through io_uring (uring-echo.ts): two crossings into
+ *        the kernel per datagram where the loop makes four. Prints `READY`,
+ *        or `UNAVAILABLE reason` and exits where io_uring cannot be used.
  * probe: COUNT numbered datagrams of 84 bytes (a ping's IP payload plus header), one
  *        at a time, INTERVAL_MS after the previous answer, each waited for at
  *        most 1 s, from LOCAL_PORT (socat's UDP4-LISTEN answers only the
@@ -20,6 +24,7 @@
 import dgram from 'node:dgram';
 import { createRequire } from 'node:module';
 import { dgramFd } from '../../core/udp-io.ts';
+import { uringEcho, uringUnavailable } from './uring-echo.ts';
 
 const [role, ...args] = process.argv.slice(2);
 const DATAGRAM = Buffer.alloc(84, 0x5a);
@@ -36,6 +41,19 @@ if (role === 'echo') {
     if (fd === undefined) throw new Error("this Node does not show a dgram socket's fd");
     console.log('READY');
     echoWithoutEventLoop(fd);
+  });
+} else if (role === 'uring') {
+  const socket = dgram.createSocket('udp4');
+  socket.bind(Number(args[0]), () => {
+    const fd = dgramFd(socket);
+    const why = fd === undefined ? "this Node does not show a dgram socket's fd" : uringUnavailable();
+    try {
+      if (why !== null) throw new Error(why);
+      uringEcho(fd!, () => console.log('READY'));
+    } catch (err) {
+      console.log(`UNAVAILABLE ${(err as Error).message}`);
+      process.exit(0);
+    }
   });
 } else if (role === 'probe') {
   const [host, portText, countText, intervalText, localPortText] = args;
@@ -75,7 +93,7 @@ if (role === 'echo') {
   const mean = sorted.reduce((a, b) => a + b, 0) / Math.max(1, sorted.length);
   console.log(`RESULT ${JSON.stringify({ answered: sorted.length, count, mean, median: sorted[sorted.length >> 1] ?? NaN })}`);
 } else {
-  console.error('usage: udp-hop.ts echo PORT | loop PORT | probe HOST PORT COUNT INTERVAL_MS LOCAL_PORT');
+  console.error('usage: udp-hop.ts echo PORT | loop PORT | uring PORT | probe HOST PORT COUNT INTERVAL_MS LOCAL_PORT');
   process.exit(2);
 }
 
