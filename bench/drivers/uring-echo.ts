@@ -11,10 +11,11 @@
  * recvfrom that finds the socket empty. The send completes inside the
  * submitting call and posts nothing (IOSQE_CQE_SKIP_SUCCESS), so the same
  * call goes on to sleep until the next datagram; the next receive is linked
- * behind it (IOSQE_IO_LINK), so it never fills the buffer being sent. With DEFER_TASKRUN the
- * kernel finishes the receive's work only inside that wait, in this thread.
+ * behind it (IOSQE_IO_LINK), so it never fills the buffer being sent. With
+ * DEFER_TASKRUN the kernel finishes the receive's work only inside that
+ * wait, in this thread.
  *
- * Bench code only: it needs Linux 5.17 or later with io_uring allowed
+ * Bench code only: it needs Linux 6.1 or later with io_uring allowed
  * (`kernel.io_uring_disabled` 0) and lays out the structures of 64-bit
  * little-endian Linux; where it cannot run, `uringEcho` says why and the
  * row is skipped.
@@ -43,6 +44,8 @@ const MAP_SHARED = 0x01;
 const MAP_PRIVATE = 0x02;
 const MAP_ANONYMOUS = 0x20;
 const MAP_POPULATE = 0x8000;
+/** mmap's (void *) -1. */
+const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
 const EINTR = 4;
 const ENTRIES = 8;
 /** struct io_uring_params: 40 bytes of fields, then io_sqring_offsets and io_cqring_offsets (40 bytes each). */
@@ -92,21 +95,28 @@ export function uringEcho(fd: number, ready: () => void): never {
   const lib = koffi.load('libc.so.6');
   const setup = lib.func('syscall', 'long', ['long', 'uint', 'void *']);
   const enter = lib.func('syscall', 'long', ['long', 'int', 'uint', 'uint', 'uint', 'void *', 'ulong']);
-  const mmap = lib.func('void *mmap(void *addr, unsigned long len, int prot, int flags, int fd, long off)');
+  const mmapCall = lib.func('void *mmap(void *addr, unsigned long len, int prot, int flags, int fd, long off)');
+  /** mmap(2) of `length` bytes viewed as an ArrayBuffer, and its address; throws where the kernel refused it (MAP_FAILED). */
+  const map = (length: number, flags: number, mapFd: number, offset: number): { memory: ArrayBuffer; address: bigint } => {
+    const pointer = mmapCall(null, length, PROT_READ_WRITE, flags, mapFd, offset);
+    const address = koffi.address(pointer) as bigint;
+    if (address === MAP_FAILED) throw new Error(`mmap of ${length} bytes failed (errno ${koffi.errno()})`);
+    return { memory: koffi.view(pointer, length), address };
+  };
 
   const params = new Uint32Array(PARAMS_SIZE / 4);
   params[P_FLAGS] = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
   const ring = Number(setup(SYS_IO_URING_SETUP, ENTRIES, params));
   if (ring < 0) throw new Error(`io_uring_setup failed (errno ${koffi.errno()}; kernel.io_uring_disabled or a kernel before 6.1)`);
   const features = params[P_FEATURES]!;
-  if ((features & IORING_FEAT_SINGLE_MMAP) === 0 || (features & IORING_FEAT_CQE_SKIP) === 0) throw new Error('this kernel lacks IORING_FEAT_CQE_SKIP (5.17)');
+  if ((features & IORING_FEAT_SINGLE_MMAP) === 0 || (features & IORING_FEAT_CQE_SKIP) === 0) throw new Error('this kernel lacks IORING_FEAT_SINGLE_MMAP or IORING_FEAT_CQE_SKIP');
   const sqEntries = params[P_SQ_ENTRIES]!;
   const sqOff = params.subarray(P_SQ_OFF, P_SQ_OFF + 10);
   const cqOff = params.subarray(P_CQ_OFF, P_CQ_OFF + 10);
   const ringSize = Math.max(sqOff[SQ_OFF_ARRAY]! + sqEntries * 4, cqOff[CQ_OFF_CQES]! + params[P_CQ_ENTRIES]! * CQE_SIZE);
-  const rings = new Uint32Array(koffi.view(mmap(null, ringSize, PROT_READ_WRITE, MAP_SHARED | MAP_POPULATE, ring, 0), ringSize));
+  const rings = new Uint32Array(map(ringSize, MAP_SHARED | MAP_POPULATE, ring, 0).memory);
   const cqes = new Int32Array(rings.buffer);
-  const sqeMemory = koffi.view(mmap(null, sqEntries * SQE_SIZE, PROT_READ_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES), sqEntries * SQE_SIZE);
+  const sqeMemory = map(sqEntries * SQE_SIZE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES).memory;
   const sqe8 = new Uint8Array(sqeMemory);
   const sqe32 = new Int32Array(sqeMemory);
   const sqe64 = new BigUint64Array(sqeMemory);
@@ -119,9 +129,7 @@ export function uringEcho(fd: number, ready: () => void): never {
   // Slot i of the submission queue always names SQE i.
   for (let i = 0; i < sqEntries; i++) rings[(sqOff[SQ_OFF_ARRAY]! >> 2) + i] = i;
 
-  const memoryPointer = mmap(null, MEMORY_SIZE, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-  const base = koffi.address(memoryPointer) as bigint;
-  const memory = koffi.view(memoryPointer, MEMORY_SIZE);
+  const { memory, address: base } = map(MEMORY_SIZE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
   const m32 = new Uint32Array(memory);
   const m64 = new BigUint64Array(memory);
   const at = (offset: number): bigint => base + BigInt(offset);
