@@ -12,7 +12,7 @@
  * the caches a packet's code needs are partly gone. This times each kind of
  * step the thread takes (a syscall through koffi, the AEAD call by each
  * path the cipher plugins have, a call into N-API that does nothing, Buffer
- * views and plain typed-array views) as the first thing after 10 ms asleep in poll(2), once as it is
+ * views) as the first thing after 10 ms asleep in poll(2), once as it is
  * and once after walking 8 MiB of memory, which evicts the caches as other
  * work would. The C rows are the same syscalls and the same AEAD libraries
  * with nothing between the program and them: what a C VPN pays in the same
@@ -28,7 +28,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { InPlaceAead } from '../core/aead.ts';
-import { byteView } from '../core/byte-view.ts';
 import { loadLibsodiumAesGcm, loadLibsodiumChaCha } from '../core/libsodium-aead.ts';
 import { loadOpenSslAesGcm, loadOpenSslChaCha } from '../core/openssl-aead.ts';
 import { loadSodiumChaCha } from '../core/sodium-aead.ts';
@@ -89,7 +88,6 @@ function nodeSteps(): { steps: Step[]; close(): void } {
     { name: 'sealing 84 bytes, AES-256-GCM through OpenSSL and koffi (5 calls)', run: seal(aesGcm) },
     { name: 'an N-API call that does nothing (sodium_memzero, 16 B)', run: () => sodium.sodium_memzero(small) },
     { name: 'three Buffer views (subarray)', run: () => void (buf.subarray(1, 50), buf.subarray(2, 60), buf.subarray(3, 70)) },
-    { name: 'three plain Uint8Array views (byteView)', run: () => void (byteView(buf, 1, 50), byteView(buf, 2, 60), byteView(buf, 3, 70)) },
     { name: 'performance.now()', run: () => void performance.now() },
   ];
   return { steps, close: () => void c.close(fd) };

@@ -23,7 +23,7 @@ export interface InPlaceAead {
    * Seals plaintext into `out` (length plaintext.length + 16), which may be
    * the very memory of plaintext followed by 16 free bytes (in place).
    */
-  encryptInto(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array, out: Uint8Array): void;
+  encryptInto(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array, out: Buffer): void;
   /**
    * Opens ciphertext into `out` (length ciphertext.length - 16, may start at
    * ciphertext's first byte). False when authentication fails; `out` is then

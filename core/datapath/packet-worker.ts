@@ -49,7 +49,6 @@
 import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import { byteView } from '../byte-view.ts';
 import { ReplayWindow } from '../replay-window.ts';
 import { TunQueueIo, wake } from '../tun/queue-io.ts';
 import { VNET_HDR_LEN } from '../tun/tcp-coalesce.ts';
@@ -428,8 +427,8 @@ class PacketPath {
     if (!k.window.check(counter, MAX_COUNTER)) return DROPPED;
     if (now >= k.rejectAt) return DROPPED;
     const end = n - TAG_LENGTH;
-    const plaintext = byteView(buf, DATA_HEADER, end);
-    if (!this.aead.decryptInto(k.key, counter, this.rxHeader, byteView(buf, DATA_HEADER, n), plaintext)) return DROPPED;
+    const plaintext = buf.subarray(DATA_HEADER, end);
+    if (!this.aead.decryptInto(k.key, counter, this.rxHeader, buf.subarray(DATA_HEADER, n), plaintext)) return DROPPED;
     if (!k.window.accept(counter, MAX_COUNTER)) return DROPPED; // main took it meanwhile
     const sink = k.sink;
     let packets = false;
@@ -462,7 +461,7 @@ class PacketPath {
   private seal(sink: Sink, send: SendState, n: number): boolean {
     const length = this.sealRecord(send, n);
     if (length < 0) return false;
-    const errno = this.udp.send(byteView(this.tx, 0, length), sink.sendTo!);
+    const errno = this.udp.send(this.tx.subarray(0, length), sink.sendTo!);
     // A full send buffer loses the datagram, as the network may; the counter is spent either way.
     if (errno !== 0 && errno !== EAGAIN && errno !== ENOBUFS) return true;
     Atomics.add(sink.stats, STAT_SENT_RECORDS, 1);
@@ -484,7 +483,7 @@ class PacketPath {
     tx.writeUInt32BE(0, DATA_HEADER + 2);
     tx.writeUInt16BE(n, DATA_HEADER + 6);
     const plainEnd = PACKET_OFFSET + n;
-    this.aead.encryptInto(send.key, counter, this.txHeader, byteView(tx, DATA_HEADER, plainEnd), byteView(tx, DATA_HEADER, plainEnd + TAG_LENGTH));
+    this.aead.encryptInto(send.key, counter, this.txHeader, tx.subarray(DATA_HEADER, plainEnd), tx.subarray(DATA_HEADER, plainEnd + TAG_LENGTH));
     return plainEnd + TAG_LENGTH;
   }
 

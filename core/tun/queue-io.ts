@@ -19,7 +19,6 @@
  * nothing is queued instead of blocking, so a reader can drain everything that
  * is there and hand it over as one batch.
  */
-import { byteView } from '../byte-view.ts';
 import { DshieldError, ErrorCodes } from '../errors.ts';
 import { EAGAIN, EINTR } from '../errno.ts';
 import { MAX_IP_PACKET, VNET_HDR_LEN } from './tcp-coalesce.ts';
@@ -72,7 +71,7 @@ export class TunQueueIo {
    */
   read(buf: Uint8Array, at: number): number {
     const header = this.headerLength;
-    const frame = byteView(buf, at - header, buf.length);
+    const frame = buf.subarray(at - header);
     for (;;) {
       const n = this.c.read(this.fd, frame, frame.length);
       if (n >= 0) return n > header ? n - header : 0;
@@ -100,7 +99,7 @@ export class TunQueueIo {
   writeAt(buf: Uint8Array, at: number, length: number): boolean {
     const header = this.headerLength;
     buf.fill(0, at - header, at);
-    return this.writeFrame(byteView(buf, at - header, at + length));
+    return this.writeFrame(buf.subarray(at - header, at + length));
   }
 
   /** One whole write: a packet behind the device's header if it has one (a TcpCoalescer's frame needs one), else a plain packet. */
