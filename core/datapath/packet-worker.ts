@@ -619,7 +619,8 @@ function warmPacket(version: 4 | 6): Buffer {
  * the sealing and opening, which the earlier, in-memory warm-up ran). With
  * this one, in four alternating rounds each, a request took 0.13-0.15 ms
  * less and a ping 0.03 ms less, on a new session and after bulk traffic
- * alike.
+ * alike (the request figure may be kind: bench/FINDINGS.md, "Plain
+ * typed-array views", found such A/Bs favour whichever runs first).
  *
  * Returns the rounds done. It stops early, quietly, where the circuit
  * cannot be made or a packet does not come back (no loopback, a firewall):
