@@ -129,9 +129,10 @@ export async function udpSearch(bt: BenchTopology, seconds: number, steps: numbe
   return { pps: best?.pps ?? 0, lossPercent: best?.loss ?? probe.loss, offeredBps: best?.offered ?? 0, bytes, steps: trail };
 }
 
-/** Average ping RTT in ms (`count` pings 10 ms apart). */
-export async function pingRtt(bt: BenchTopology, count: number): Promise<number> {
-  const r = await exec(bt.topo.ns.client, 'ping', ['-n', '-q', '-c', String(count), '-i', '0.01', '-W', '2', bt.webIp], { timeout: count * 50 + 15_000, allowFail: true });
+/** Average ping RTT in ms (`count` pings `intervalMs` apart: 10, the bench's spacing, unless told). */
+export async function pingRtt(bt: BenchTopology, count: number, intervalMs = 10): Promise<number> {
+  const args = ['-n', '-q', '-c', String(count), '-i', String(intervalMs / 1000), '-W', '2', bt.webIp];
+  const r = await exec(bt.topo.ns.client, 'ping', args, { timeout: count * (intervalMs + 40) + 15_000, allowFail: true });
   const m = /= [\d.]+\/([\d.]+)\/[\d.]+\/[\d.]+ ms/.exec(r.stdout);
   const loss = /(\d+(?:\.\d+)?)% packet loss/.exec(r.stdout)?.[1];
   if (!m) throw new Error(`ping: ${(r.stderr || r.stdout).trim().split('\n').pop()}`);
