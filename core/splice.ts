@@ -73,7 +73,10 @@ function forward(from: Duplex, to: Duplex): void {
     paused = false;
     from.resume();
   });
-  from.on('end', () => to.end());
+  // A socket that does not allow half-open connections ends itself when its peer does; end() again would only make an error (and its stack trace) to throw away.
+  from.on('end', () => {
+    if (!to.writableEnded && !to.destroyed) to.end();
+  });
   // A pooled socket (core/pooled-reads.ts) hands its reads over with a release, and starts reading itself.
   if (attachPooledSink(from, (chunk, release) => write(chunk, release ?? undefined))) return;
   from.on('data', (chunk: Buffer) => {

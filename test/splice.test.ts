@@ -109,6 +109,27 @@ test('an end is passed on as a half-close, and the other direction still flows',
   b.destroy();
 });
 
+test('an end is not passed on to a side whose writable has already ended', async () => {
+  const a = new Probe();
+  const b = new Probe();
+  void splice(a, b);
+  // As a socket without half-open does when its peer ends first.
+  b.end();
+  await withTimeout(new Promise((r) => b.once('finish', r)), 2_000, "b's writable finished");
+  let ends = 0;
+  const end = b.end.bind(b);
+  b.end = ((...args: Parameters<Probe['end']>) => {
+    ends++;
+    return end(...args);
+  }) as Probe['end'];
+  a.push(null);
+  await withTimeout(new Promise((r) => a.once('end', r)), 2_000, "a's readable ended");
+  await tick();
+  assert.is(ends, 0, 'no end() on a writable already ended');
+  a.destroy();
+  b.destroy();
+});
+
 test('an error on one side destroys both, and splice resolves', async () => {
   const a = new Probe();
   const b = new Probe();
