@@ -51,7 +51,6 @@ const systems: SystemSpec[] = [dshieldTun('udp', CIPHER), CIPHER === 'aes-256-gc
 const missing = ['ping', 'iperf3', 'ip', 'nft', ...systems.flatMap((s) => s.needs)].filter((tool) => !hasTool(tool));
 if (missing.length > 0) fail(`missing ${[...new Set(missing)].join(', ')} (\`npm run bench\` installs them)`);
 
-
 async function measure(bt: BenchTopology, spec: SystemSpec): Promise<void> {
   const work = mkdtempSync(join(tmpdir(), 'dshield-footprint-'));
   try {
@@ -91,9 +90,13 @@ async function measure(bt: BenchTopology, spec: SystemSpec): Promise<void> {
   }
 }
 
-const bt = await createBenchTopology();
 try {
-  for (const spec of systems) await measure(bt, spec);
-} finally {
-  bt.cleanup();
+  const bt = await createBenchTopology();
+  try {
+    for (const spec of systems) await measure(bt, spec);
+  } finally {
+    bt.cleanup();
+  }
+} catch (err) {
+  fail(err instanceof Error ? err.message : String(err));
 }

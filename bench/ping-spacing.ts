@@ -33,7 +33,7 @@ import { createBenchTopology } from './topology.ts';
 const CIPHER = process.env.DSHIELD_BENCH_SPACING_CIPHER ?? 'chacha20-poly1305';
 const SPACINGS = (process.env.DSHIELD_BENCH_SPACING_MS ?? '1,2,5,10,20,50,200').split(',').map(Number);
 const ROUNDS = Math.max(1, Number(process.env.DSHIELD_BENCH_SPACING_ROUNDS ?? 2) || 2);
-/** About 6 s of pings per spacing, at least 30 and at most 500 of them. */
+/** 6 s of pings per spacing, but at least 30 and at most 500 of them (0.5 s 1 ms apart, 6 s from 12 ms). */
 const pingsAt = (ms: number): number => Math.min(500, Math.max(30, Math.round(6000 / ms)));
 
 function fail(message: string): never {
@@ -55,32 +55,36 @@ if (missing.length > 0) fail(`missing ${[...new Set(missing)].join(', ')} (\`npm
 
 /** RTT (ms) by system, then by spacing: one value per round. */
 const rtt = new Map<string, Map<number, number[]>>(systems.map(([name]) => [name, new Map(SPACINGS.map((ms) => [ms, []]))]));
-const bt = await createBenchTopology();
 try {
-  for (let round = 0; round < ROUNDS; round++) {
-    const backwards = round % 2 === 1;
-    for (const [name, spec] of backwards ? [...systems].reverse() : systems) {
-      const work = mkdtempSync(join(tmpdir(), 'dshield-spacing-'));
-      try {
-        const running = await spec.start(bt, work);
+  const bt = await createBenchTopology();
+  try {
+    for (let round = 0; round < ROUNDS; round++) {
+      const backwards = round % 2 === 1;
+      for (const [name, spec] of backwards ? [...systems].reverse() : systems) {
+        const work = mkdtempSync(join(tmpdir(), 'dshield-spacing-'));
         try {
-          if (spec.role !== 'baseline') await iperfTcp(bt, { streams: 1, reverse: false, seconds: 2 });
-          await pingRtt(bt, 50);
-          for (const ms of backwards ? [...SPACINGS].reverse() : SPACINGS) {
-            const value = await pingRtt(bt, pingsAt(ms), ms);
-            rtt.get(name)!.get(ms)!.push(value);
-            console.log(`round ${round + 1}/${ROUNDS} ${name.padEnd(7)} ${String(ms).padStart(4)} ms apart: ${value.toFixed(3)} ms`);
+          const running = await spec.start(bt, work);
+          try {
+            if (spec.role !== 'baseline') await iperfTcp(bt, { streams: 1, reverse: false, seconds: 2 });
+            await pingRtt(bt, 50);
+            for (const ms of backwards ? [...SPACINGS].reverse() : SPACINGS) {
+              const value = await pingRtt(bt, pingsAt(ms), ms);
+              rtt.get(name)!.get(ms)!.push(value);
+              console.log(`round ${round + 1}/${ROUNDS} ${name.padEnd(7)} ${String(ms).padStart(4)} ms apart: ${value.toFixed(3)} ms`);
+            }
+          } finally {
+            await running.stop();
           }
         } finally {
-          await running.stop();
+          rmSync(work, { recursive: true, force: true });
         }
-      } finally {
-        rmSync(work, { recursive: true, force: true });
       }
     }
+  } finally {
+    bt.cleanup();
   }
-} finally {
-  bt.cleanup();
+} catch (err) {
+  fail(err instanceof Error ? err.message : String(err));
 }
 
 /** What a system adds over plain forwarding, round by round (each round's own baseline). */
