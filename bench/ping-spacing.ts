@@ -20,15 +20,12 @@
  *   DSHIELD_BENCH_SPACING_MS=1,2,5,10,20,50,200                    (ms between pings)
  *   DSHIELD_BENCH_SPACING_ROUNDS=2
  */
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { hasTool } from '../test/helpers/netns.ts';
 import { dshieldTun } from './dshield.ts';
-import { iperfTcp, pingRtt } from './measure.ts';
+import { pingRtt } from './measure.ts';
 import { openvpnAes, openvpnChacha, plainForwarding, type SystemSpec } from './peers.ts';
 import { median } from './report.ts';
-import { createBenchTopology } from './topology.ts';
+import { runSitting } from './sittings.ts';
 
 const CIPHER = process.env.DSHIELD_BENCH_SPACING_CIPHER ?? 'chacha20-poly1305';
 const SPACINGS = (process.env.DSHIELD_BENCH_SPACING_MS ?? '1,2,5,10,20,50,200').split(',').map(Number);
@@ -56,33 +53,18 @@ if (missing.length > 0) fail(`missing ${[...new Set(missing)].join(', ')} (\`npm
 /** RTT (ms) by system, then by spacing: one value per round. */
 const rtt = new Map<string, Map<number, number[]>>(systems.map(([name]) => [name, new Map(SPACINGS.map((ms) => [ms, []]))]));
 try {
-  const bt = await createBenchTopology();
-  try {
-    for (let round = 0; round < ROUNDS; round++) {
-      const backwards = round % 2 === 1;
-      for (const [name, spec] of backwards ? [...systems].reverse() : systems) {
-        const work = mkdtempSync(join(tmpdir(), 'dshield-spacing-'));
-        try {
-          const running = await spec.start(bt, work);
-          try {
-            if (spec.role !== 'baseline') await iperfTcp(bt, { streams: 1, reverse: false, seconds: 2 });
-            await pingRtt(bt, 50);
-            for (const ms of backwards ? [...SPACINGS].reverse() : SPACINGS) {
-              const value = await pingRtt(bt, pingsAt(ms), ms);
-              rtt.get(name)!.get(ms)!.push(value);
-              console.log(`round ${round + 1}/${ROUNDS} ${name.padEnd(7)} ${String(ms).padStart(4)} ms apart: ${value.toFixed(3)} ms`);
-            }
-          } finally {
-            await running.stop();
-          }
-        } finally {
-          rmSync(work, { recursive: true, force: true });
-        }
+  await runSitting({
+    systems,
+    rounds: ROUNDS,
+    workPrefix: 'dshield-spacing-',
+    async measure(name, _running, bt, round, backwards) {
+      for (const ms of backwards ? [...SPACINGS].reverse() : SPACINGS) {
+        const value = await pingRtt(bt, pingsAt(ms), ms);
+        rtt.get(name)!.get(ms)!.push(value);
+        console.log(`round ${round + 1}/${ROUNDS} ${name.padEnd(7)} ${String(ms).padStart(4)} ms apart: ${value.toFixed(3)} ms`);
       }
-    }
-  } finally {
-    bt.cleanup();
-  }
+    },
+  });
 } catch (err) {
   fail(err instanceof Error ? err.message : String(err));
 }
