@@ -23,16 +23,16 @@
  *   DSHIELD_BENCH_FOOTPRINT_BY_REGION=1                               (each anonymous mapping on its own, by address)
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { basename, join } from 'node:path';
+import { readFileSync } from 'node:fs';
+import { basename } from 'node:path';
 import { hasTool } from '../test/helpers/netns.ts';
 import { dshieldTun } from './dshield.ts';
-import { iperfTcp, pingRtt } from './measure.ts';
+import { pingRtt } from './measure.ts';
 import { clearRefs, totalKib, touchedKib } from './page-refs.ts';
-import { openvpnAes, openvpnChacha, type SystemSpec } from './peers.ts';
+import { openvpnAes, openvpnChacha, type Running, type SystemSpec } from './peers.ts';
 import { median } from './report.ts';
-import { createBenchTopology, exec, type BenchTopology } from './topology.ts';
+import { runSitting } from './sittings.ts';
+import { exec, type BenchTopology } from './topology.ts';
 
 const CIPHER = process.env.DSHIELD_BENCH_FOOTPRINT_CIPHER ?? 'chacha20-poly1305';
 const SAMPLES = Math.max(1, Number(process.env.DSHIELD_BENCH_FOOTPRINT_SAMPLES ?? 8) || 8);
@@ -51,52 +51,43 @@ const systems: SystemSpec[] = [dshieldTun('udp', CIPHER), CIPHER === 'aes-256-gc
 const missing = ['ping', 'iperf3', 'ip', 'nft', ...systems.flatMap((s) => s.needs)].filter((tool) => !hasTool(tool));
 if (missing.length > 0) fail(`missing ${[...new Set(missing)].join(', ')} (\`npm run bench\` installs them)`);
 
-async function measure(bt: BenchTopology, spec: SystemSpec): Promise<void> {
-  const work = mkdtempSync(join(tmpdir(), 'dshield-footprint-'));
-  try {
-    const running = await spec.start(bt, work);
-    try {
-      await iperfTcp(bt, { streams: 1, reverse: false, seconds: 2 });
-      await pingRtt(bt, 100);
-      const pids = running.pids;
-      const programs = pids.map((pid) => basename(readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]!));
-      const where = pids.map((pid) => execFileSync('ip', ['netns', 'identify', String(pid)]).toString().trim());
-      const samples = pids.map(() => ({ ping: [] as Array<Map<string, number>>, control: [] as Array<Map<string, number>> }));
-      for (let i = 0; i < 2 * SAMPLES; i++) {
-        const ping = i % 2 === 1;
-        await new Promise((r) => setTimeout(r, QUIET_MS));
-        for (const pid of pids) clearRefs(pid);
-        if (ping) await exec(bt.topo.ns.client, 'ping', ['-n', '-q', '-c', '1', '-W', '2', bt.webIp], { timeout: 5_000 });
-        else await exec(bt.topo.ns.client, 'true', [], { timeout: 5_000 });
-        pids.forEach((pid, j) => samples[j]![ping ? 'ping' : 'control'].push(touchedKib(pid, programs[j]!, BY_REGION)));
-      }
-      console.log(`\n${spec.system} (${spec.cipher}): KiB touched per ping, the control's median subtracted (median of ${SAMPLES})`);
-      pids.forEach((pid, j) => {
-        const { ping, control } = samples[j]!;
-        const side = where[j] === bt.topo.ns.client ? 'client' : where[j] === bt.topo.ns.server ? 'server' : where[j] || '?';
-        const total = median(ping.map(totalKib)) - median(control.map(totalKib));
-        const kinds = new Set([...ping, ...control].flatMap((m) => [...m.keys()]));
-        const parts = [...kinds]
-          .map((kind) => [kind, median(ping.map((m) => m.get(kind) ?? 0)) - median(control.map((m) => m.get(kind) ?? 0))] as const)
-          .filter(([, kib]) => kib >= 4)
-          .sort((a, b) => b[1] - a[1]);
-        console.log(`  ${side} (${programs[j]}, pid ${pid}): ${total} KiB = ${parts.map(([k, v]) => `${k} ${v}`).join(', ')}`);
-      });
-    } finally {
-      await running.stop();
-    }
-  } finally {
-    rmSync(work, { recursive: true, force: true });
+/** Sample what each of `running`'s processes touches per ping and print it under `label`. */
+async function measure(label: string, running: Running, bt: BenchTopology): Promise<void> {
+  // 50 more pings on top of the sitting's warm-up: 100, as the bench's ping run is.
+  await pingRtt(bt, 50);
+  const pids = running.pids;
+  const programs = pids.map((pid) => basename(readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]!));
+  const where = pids.map((pid) => execFileSync('ip', ['netns', 'identify', String(pid)]).toString().trim());
+  const samples = pids.map(() => ({ ping: [] as Array<Map<string, number>>, control: [] as Array<Map<string, number>> }));
+  for (let i = 0; i < 2 * SAMPLES; i++) {
+    const ping = i % 2 === 1;
+    await new Promise((r) => setTimeout(r, QUIET_MS));
+    for (const pid of pids) clearRefs(pid);
+    if (ping) await exec(bt.topo.ns.client, 'ping', ['-n', '-q', '-c', '1', '-W', '2', bt.webIp], { timeout: 5_000 });
+    else await exec(bt.topo.ns.client, 'true', [], { timeout: 5_000 });
+    pids.forEach((pid, j) => samples[j]![ping ? 'ping' : 'control'].push(touchedKib(pid, programs[j]!, BY_REGION)));
   }
+  console.log(`\n${label}: KiB touched per ping, the control's median subtracted (median of ${SAMPLES})`);
+  pids.forEach((pid, j) => {
+    const { ping, control } = samples[j]!;
+    const side = where[j] === bt.topo.ns.client ? 'client' : where[j] === bt.topo.ns.server ? 'server' : where[j] || '?';
+    const total = median(ping.map(totalKib)) - median(control.map(totalKib));
+    const kinds = new Set([...ping, ...control].flatMap((m) => [...m.keys()]));
+    const parts = [...kinds]
+      .map((kind) => [kind, median(ping.map((m) => m.get(kind) ?? 0)) - median(control.map((m) => m.get(kind) ?? 0))] as const)
+      .filter(([, kib]) => kib >= 4)
+      .sort((a, b) => b[1] - a[1]);
+    console.log(`  ${side} (${programs[j]}, pid ${pid}): ${total} KiB = ${parts.map(([k, v]) => `${k} ${v}`).join(', ')}`);
+  });
 }
 
 try {
-  const bt = await createBenchTopology();
-  try {
-    for (const spec of systems) await measure(bt, spec);
-  } finally {
-    bt.cleanup();
-  }
+  await runSitting({
+    systems: systems.map((spec) => [`${spec.system} (${spec.cipher})`, spec]),
+    rounds: 1,
+    workPrefix: 'dshield-footprint-',
+    measure,
+  });
 } catch (err) {
   fail(err instanceof Error ? err.message : String(err));
 }
