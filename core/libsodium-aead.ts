@@ -28,7 +28,8 @@
  */
 import { randomBytes } from 'node:crypto';
 import { createRequire } from 'node:module';
-import { nodeAead, noiseNonce, type InPlaceAead, type NodeAeadSpec } from './aead.ts';
+import { fits, nodeAead, noiseNonce, type InPlaceAead, type NodeAeadSpec } from './aead.ts';
+import { ViewOf } from './view-of.ts';
 
 type Koffi = typeof import('koffi');
 
@@ -91,6 +92,9 @@ export function loadLibsodiumAesGcm(): InPlaceAead | null {
 
 function inPlace(seal: Seal, open: Open, order: 'BE' | 'LE'): InPlaceAead {
   const { nonce, set: setNonce } = noiseNonce(order);
+  // The library takes a pointer and a length: sealAt and openAt hand it a view from `at`, kept while `at` stays.
+  const sealView = new ViewOf();
+  const openView = new ViewOf();
   return {
     encryptInto(key, counter, ad, plaintext, out) {
       if (key.length !== 32 || out.length < plaintext.length + TAG_LENGTH) throw new RangeError('a 32-byte key and room for the plaintext and its tag are needed');
@@ -103,6 +107,20 @@ function inPlace(seal: Seal, open: Open, order: 'BE' | 'LE'): InPlaceAead {
       setNonce(counter);
       if (open(out, null, null, ciphertext, ciphertext.length, ad.length > 0 ? ad : null, ad.length, nonce, key) === 0) return true;
       out.fill(0, 0, n); // libsodium wipes it too; this does not depend on that
+      return false;
+    },
+    sealAt(key, counter, ad, buf, at, length) {
+      if (key.length !== 32 || !fits(buf, at, length + TAG_LENGTH)) throw new RangeError('a 32-byte key and room for the plaintext and its tag are needed');
+      setNonce(counter);
+      const record = sealView.from(buf, at);
+      if (seal(record, null, record, length, ad.length > 0 ? ad : null, ad.length, null, nonce, key) !== 0) throw new Error('libsodium refused to seal the record');
+    },
+    openAt(key, counter, ad, buf, at, length) {
+      if (key.length !== 32 || length < TAG_LENGTH || !fits(buf, at, length)) return false;
+      setNonce(counter);
+      const record = openView.from(buf, at);
+      if (open(record, null, null, record, length, ad.length > 0 ? ad : null, ad.length, nonce, key) === 0) return true;
+      buf.fill(0, at, at + length - TAG_LENGTH);
       return false;
     },
   };
@@ -121,8 +139,17 @@ function checked(aead: InPlaceAead, spec: NodeAeadSpec): InPlaceAead | null {
     aead.encryptInto(key, counter, ad, memory.subarray(0, plaintext.length), memory);
     if (!memory.equals(expected)) return null;
     if (!aead.decryptInto(key, counter, ad, memory, memory.subarray(0, plaintext.length)) || !memory.subarray(0, plaintext.length).equals(plaintext)) return null;
+    // sealAt and openAt, away from the buffer's start, as a packet thread calls them.
+    const at = 7;
+    const spaced = Buffer.alloc(at + expected.length + 3);
+    plaintext.copy(spaced, at);
+    aead.sealAt(key, counter, ad, spaced, at, plaintext.length);
+    if (!spaced.subarray(at, at + expected.length).equals(expected)) return null;
+    if (!aead.openAt(key, counter, ad, spaced, at, expected.length) || !spaced.subarray(at, at + plaintext.length).equals(plaintext)) return null;
     expected[0]! ^= 1;
     if (aead.decryptInto(key, counter, ad, expected, Buffer.alloc(plaintext.length))) return null;
+    spaced.set(expected, at);
+    if (aead.openAt(key, counter, ad, spaced, at, expected.length)) return null;
     return aead;
   } catch {
     return null;

@@ -1871,18 +1871,27 @@ function slabCommit(end: number): void {
 
 /**
  * Whether buf[start, end) is one or more PACKET frames and nothing else,
- * each of 1..maxPacket bytes, and `accept(at, length)` (if given) takes the
- * body of each. Stops at the first that is not. For the thread that writes
- * packets into the TUN without a Mux (core/datapath/packet-worker.ts).
+ * each of 1..maxPacket bytes, and `accept(buf, at, length, context)` (if
+ * given) takes the body of each. Stops at the first that is not. For the
+ * thread that writes packets into the TUN without a Mux
+ * (core/datapath/packet-worker.ts); `context` is passed through so that
+ * caller needs no closure a packet.
  */
-export function isPacketsOnly(buf: Buffer, start: number, end: number, maxPacket: number, accept?: (at: number, length: number) => boolean): boolean {
+export function isPacketsOnly<C>(
+  buf: Buffer,
+  start: number,
+  end: number,
+  maxPacket: number,
+  accept?: (buf: Buffer, at: number, length: number, context: C) => boolean,
+  context?: C,
+): boolean {
   if (start >= end) return false;
   for (let at = start; at < end; ) {
     if (end - at < FRAME_HEADER || buf[at] !== FrameType.PACKET || buf.readUInt32BE(at + 1) !== 0) return false;
     const length = buf.readUInt16BE(at + 5);
     const body = at + FRAME_HEADER;
     if (length === 0 || length > maxPacket || body + length > end) return false;
-    if (accept !== undefined && !accept(body, length)) return false;
+    if (accept !== undefined && !accept(buf, body, length, context as C)) return false;
     at = body + length;
   }
   return true;

@@ -32,7 +32,7 @@
  * buffer is garbage collected.
  */
 import { createRequire } from 'node:module';
-import { noiseNonce, type InPlaceAead } from './aead.ts';
+import { noiseNonce, withAt, type InPlaceAead } from './aead.ts';
 
 type Koffi = typeof import('koffi');
 type Pointer = unknown;
@@ -164,7 +164,7 @@ function loadOpenSsl(pick: (evp: Evp) => Pointer, order: 'BE' | 'LE'): InPlaceAe
     return ctx;
   };
 
-  return {
+  return withAt({
     encryptInto(key, counter, ad, plaintext, out) {
       const ctx = contextFor(key, 'seal');
       setNonce(counter);
@@ -191,5 +191,5 @@ function loadOpenSsl(pick: (evp: Evp) => Pointer, order: 'BE' | 'LE'): InPlaceAe
       if (!ok) out.fill(0, 0, n);
       return ok;
     },
-  };
+  });
 }

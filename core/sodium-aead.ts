@@ -16,7 +16,7 @@
  * the platform, `loadSodiumChaCha()` returns null and the plugin uses
  * node:crypto alone.
  */
-import { noiseNonce, type InPlaceAead } from './aead.ts';
+import { noiseNonce, withAt, type InPlaceAead } from './aead.ts';
 import { sodiumNative } from './sodium.ts';
 
 const TAG_LENGTH = 16;
@@ -31,7 +31,7 @@ export function loadSodiumChaCha(): InPlaceAead | null {
   const s = sodiumNative<SodiumAead>();
   if (s === null) return null;
   const { nonce, set: setNonce } = noiseNonce('LE');
-  return {
+  return withAt({
     encryptInto(key, counter, ad, plaintext, out) {
       setNonce(counter);
       s.crypto_aead_chacha20poly1305_ietf_encrypt(out.subarray(0, plaintext.length + TAG_LENGTH), plaintext, ad.length > 0 ? ad : null, null, nonce, key);
@@ -45,5 +45,5 @@ export function loadSodiumChaCha(): InPlaceAead | null {
         return false;
       }
     },
-  };
+  });
 }

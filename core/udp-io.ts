@@ -47,12 +47,12 @@ const ADDRESS_TEXT_LIMIT = 4096;
 
 export interface UdpIo {
   /**
-   * sendto(2) of the whole `datagram` to `to` (from `sockaddrIn`), without
-   * blocking: 0 when the kernel took it, else the errno (EAGAIN or ENOBUFS:
+   * sendto(2) of `datagram`'s first `length` bytes (all of it by default) to
+   * `to` (from `sockaddrIn`), without blocking: 0 when the kernel took it, else the errno (EAGAIN or ENOBUFS:
    * the socket's send buffer is full; anything else: this datagram failed).
    * The kernel has copied the datagram when this returns.
    */
-  send(datagram: Uint8Array, to: Uint8Array): number;
+  send(datagram: Uint8Array, to: Uint8Array, length?: number): number;
   /**
    * recvfrom(2) of one queued datagram into `buf`, without blocking: its
    * length, or -1 when none is queued or the read failed. A datagram longer
@@ -268,8 +268,8 @@ class FdUdpIo implements UdpIo {
     cmsg.writeInt32LE(UDP_SEGMENT, 12);
   }
 
-  send(datagram: Uint8Array, to: Uint8Array): number {
-    return this.c.sendto(this.fd, datagram, datagram.length, MSG_DONTWAIT, to, to.length) < 0 ? this.c.errno() : 0;
+  send(datagram: Uint8Array, to: Uint8Array, length = datagram.length): number {
+    return this.c.sendto(this.fd, datagram, length, MSG_DONTWAIT, to, to.length) < 0 ? this.c.errno() : 0;
   }
 
   sendSegments(buf: Uint8Array, length: number, segmentSize: number, to: Uint8Array): number {

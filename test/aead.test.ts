@@ -10,7 +10,7 @@
 import { randomBytes } from 'node:crypto';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { bySize, nodeAead, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
+import { bySize, nodeAead, withAt, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
 import { loadLibsodiumAesGcm, loadLibsodiumChaCha } from '../core/libsodium-aead.ts';
 import { loadOpenSslAesGcm, loadOpenSslChaCha } from '../core/openssl-aead.ts';
 import { loadSodiumChaCha } from '../core/sodium-aead.ts';
@@ -99,6 +99,41 @@ for (const { spec, fast, library, checksLengths } of CASES) {
     assert.is(viaFast.decrypt(key, 1, Buffer.alloc(0), before), null, 'what the old key sealed no longer opens');
   });
 
+  test(`${spec.name}: ${library} seals and opens in place at an offset (sealAt, openAt) as it does by views, and refuses what does not fit`, () => {
+    const key = randomBytes(32);
+    for (const size of [0, 1, 84, 1400, 16 * 1024]) {
+      // The same buffer again and again, at a few offsets, as a packet thread does: a view kept from one call must not leak into the next.
+      const memory = Buffer.alloc(32 + size + 16 + 5, 0xee);
+      for (const at of [13, 13, 0, 29, 13]) {
+        const ad = randomBytes(at % 2 === 0 ? 0 : 13);
+        const pt = randomBytes(size);
+        memory.fill(0xee);
+        pt.copy(memory, at);
+        fast!.sealAt(key, at + size, ad, memory, at, size);
+        const sealed = memory.subarray(at, at + size + 16);
+        assert.ok(sealed.equals(viaNode.encrypt(key, at + size, ad, pt)), `sealed as node:crypto seals (${size} bytes at ${at})`);
+        assert.ok(memory.subarray(at + size + 16).every((b) => b === 0xee) && memory.subarray(0, at).every((b) => b === 0xee), 'nothing written outside the record');
+        assert.ok(fast!.openAt(key, at + size, ad, memory, at, size + 16), `opened (${size} bytes at ${at})`);
+        assert.ok(memory.subarray(at, at + size).equals(pt), 'the plaintext is back in place');
+      }
+      const pt = randomBytes(size);
+      const tampered = viaNode.encrypt(key, 4, Buffer.alloc(0), pt);
+      tampered[tampered.length - 1]! ^= 1;
+      memory.fill(0xee);
+      tampered.copy(memory, 13);
+      assert.is(fast!.openAt(key, 4, Buffer.alloc(0), memory, 13, tampered.length), false, `a bad tag is refused (${size} bytes)`);
+      assert.ok(memory.subarray(13, 13 + size).every((b) => b === 0), 'the refused plaintext is wiped');
+    }
+    const guard = Buffer.alloc(100, 0x55);
+    assert.throws(() => fast!.sealAt(key, 1, Buffer.alloc(0), guard, 10, 80), RangeError, 'no room for the tag');
+    assert.throws(() => fast!.sealAt(key, 1, Buffer.alloc(0), guard, -1, 10), RangeError, 'a negative offset');
+    assert.throws(() => fast!.sealAt(key, 1, Buffer.alloc(0), guard, 1.5, 10), RangeError, 'a fractional offset');
+    assert.ok(guard.every((b) => b === 0x55), 'nothing was written');
+    assert.is(fast!.openAt(key, 1, Buffer.alloc(0), guard, 90, 20), false, 'a record past the end');
+    assert.is(fast!.openAt(key, 1, Buffer.alloc(0), guard, 0, 15), false, 'shorter than a tag');
+    assert.ok(guard.every((b) => b === 0x55), 'nothing was written');
+  });
+
   if (checksLengths) {
     test(`${spec.name}: ${library} refuses an output too small for the record, before the library writes`, () => {
       const key = randomBytes(32);
@@ -114,5 +149,33 @@ for (const { spec, fast, library, checksLengths } of CASES) {
     });
   }
 }
+
+test('withAt: an AEAD with only encryptInto and decryptInto (a plugin\'s thread module) gets sealAt and openAt that seal and open the same records', () => {
+  const viaNode = nodeAead({ ...CHACHA, fast: null });
+  const base = {
+    encryptInto(key: Buffer, counter: number, ad: Uint8Array, plaintext: Uint8Array, out: Buffer): void {
+      viaNode.encrypt(key, counter, ad, Buffer.from(plaintext)).copy(out);
+    },
+    decryptInto(key: Buffer, counter: number, ad: Uint8Array, ciphertext: Uint8Array, out: Uint8Array): boolean {
+      const opened = viaNode.decrypt(key, counter, ad, Buffer.from(ciphertext));
+      if (opened === null) return false;
+      out.set(opened);
+      return true;
+    },
+  };
+  const aead = withAt(base);
+  const key = randomBytes(32);
+  const pt = randomBytes(84);
+  const memory = Buffer.alloc(13 + 84 + 16);
+  pt.copy(memory, 13);
+  aead.sealAt(key, 5, Buffer.alloc(0), memory, 13, 84);
+  assert.ok(memory.subarray(13).equals(viaNode.encrypt(key, 5, Buffer.alloc(0), pt)));
+  assert.ok(aead.openAt(key, 5, Buffer.alloc(0), memory, 13, 100));
+  assert.ok(memory.subarray(13, 13 + 84).equals(pt));
+  assert.throws(() => aead.sealAt(key, 5, Buffer.alloc(0), memory, 13, 90), RangeError);
+  assert.is(aead.openAt(key, 5, Buffer.alloc(0), memory, 13, 101), false);
+  const full = loadLibsodiumChaCha();
+  if (full !== null) assert.is(withAt(full), full, 'one that has them keeps its own');
+});
 
 test.run();

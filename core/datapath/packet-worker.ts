@@ -56,7 +56,7 @@ import { AF_INET, AF_UNIX, F_DUPFD_CLOEXEC, POLLIN, SOCK_CLOEXEC, SOCK_DGRAM, SO
 import { BurstMeter, TUN_BURST } from '../tun/burst-meter.ts';
 import { CTRL_READER, CTRL_SLOTS as PUMP_CTRL_SLOTS, READER_MAIN, READER_PUMP } from '../tun/pump-protocol.ts';
 import { sockaddrIn, udpIoOnFd, type UdpIo } from '../udp-io.ts';
-import type { InPlaceAead } from '../aead.ts';
+import { withAt, type InPlaceAead, type InPlaceAeadBase } from '../aead.ts';
 import { EAGAIN, ENOBUFS } from '../errno.ts';
 import { FRAME_HEADER, FrameType, isPacketsOnly } from '../mux.ts';
 import { MAX_COUNTER } from '../noise.ts';
@@ -144,6 +144,11 @@ const sinks = new Map<number, Sink>();
 /** Server: sinks by their client's address, to route what the TUN gives back. */
 const sinksBy4 = new Map<number, Sink>();
 const sinksBy6 = new Map<string, Sink>();
+/**
+ * Keys by their index as a signed 32-bit number (index | 0): V8 keeps that
+ * a small integer, where an index above 2^31 would be a double, boxed for
+ * every lookup.
+ */
 const keys = new Map<number, Keys>();
 let stopping = false;
 
@@ -162,8 +167,12 @@ let reader: Reader | null = null;
 /** Whether this thread reads the socket (see 'udp-busy' in packet-protocol.ts). */
 let udpOwned = true;
 
+/** The sink when there is exactly one (a client's), kept so routing a packet makes no iterator. */
+let onlySink: Sink | undefined;
+
 function addSink(sink: Sink): void {
   sinks.set(sink.id, sink);
+  onlySink = sinks.size === 1 ? sink : undefined;
   if (sink.source4 !== -1) sinksBy4.set(sink.source4, sink);
   if (sink.source6 !== null) sinksBy6.set(Buffer.from(sink.source6).toString('hex'), sink);
 }
@@ -190,6 +199,7 @@ function removeSink(sink: Sink): void {
   const key6 = sink.source6 === null ? null : Buffer.from(sink.source6).toString('hex');
   if (key6 !== null && sinksBy6.get(key6) === sink) sinksBy6.delete(key6);
   for (const [index, k] of keys) if (k.sink === sink) keys.delete(index);
+  onlySink = sinks.size === 1 ? sinks.values().next().value : undefined;
   libc().close(sink.io.fd);
 }
 
@@ -218,11 +228,11 @@ function apply(cmd: PacketCommand): void {
     case 'keys': {
       const sink = sinks.get(cmd.sink);
       if (sink === undefined) break;
-      keys.set(cmd.index, new Keys(sink, Buffer.from(cmd.key), threadTime(cmd.bornAt + cmd.rejectAfterMs), ReplayWindow.attach(cmd.window)));
+      keys.set(cmd.index | 0, new Keys(sink, Buffer.from(cmd.key), threadTime(cmd.bornAt + cmd.rejectAfterMs), ReplayWindow.attach(cmd.window)));
       break;
     }
     case 'drop':
-      keys.delete(cmd.index);
+      keys.delete(cmd.index | 0);
       break;
     case 'reader':
       closeReader();
@@ -269,10 +279,7 @@ function sourceAllowed(p: Buffer, at: number, len: number, sink: Sink): boolean 
 
 /** The sink for a packet read from the TUN: a client's only one, or a server's by destination. */
 function route(p: Buffer, at: number, len: number): Sink | undefined {
-  if (sinksBy4.size === 0 && sinksBy6.size === 0) {
-    for (const only of sinks.values()) return sinks.size === 1 ? only : undefined;
-    return undefined;
-  }
+  if (sinksBy4.size === 0 && sinksBy6.size === 0) return onlySink;
   const version = p[at]! >> 4;
   if (version === 4 && len >= 20) return sinksBy4.get(p.readUInt32BE(at + 16));
   if (version === 6 && len >= 40) return sinksBy6.get(p.toString('hex', at + 24, at + 40));
@@ -325,9 +332,11 @@ class PacketPath {
     for (; got < BATCH && udpOwned; got++) {
       const n = this.udp.receive(buf);
       if (n < 0) break;
-      Atomics.add(this.counts, CTRL_RECEIVED, 1);
       const now = performance.now();
-      this.datagram(n, this.udp.from, now);
+      const opened = this.datagram(n, this.udp.from, now);
+      // Counted after the packet went into the TUN: none of this is on its way.
+      Atomics.add(this.counts, CTRL_RECEIVED, 1);
+      if (opened) Atomics.add(this.counts, CTRL_OPENED, 1);
       if (this.datagramBursts.tick(now)) {
         // Coming fast: main's batched path reads from now on, as before this thread (its core does the work).
         udpOwned = false;
@@ -386,14 +395,18 @@ class PacketPath {
     }
   }
 
-  /** The datagram of `n` bytes in rx, from `from`, read at `now` (performance.now()). */
-  private datagram(n: number, from: string, now: number): void {
+  /**
+   * The datagram of `n` bytes in rx, from `from`, read at `now`
+   * (performance.now()); true when this thread opened it and is done with
+   * it (false: dropped, or passed to main).
+   */
+  private datagram(n: number, from: string, now: number): boolean {
     const buf = this.rx;
     if (n < DATA_HEADER + TAG_LENGTH || buf[0] !== MSG_DATA) {
       postRaw(buf, n, from);
-      return;
+      return false;
     }
-    const index = buf.readUInt32LE(1);
+    const index = buf.readInt32LE(1);
     let k = keys.get(index);
     if (k === undefined) {
       // Main may have just handed these keys over: look before passing it on.
@@ -401,48 +414,45 @@ class PacketPath {
       k = keys.get(index);
       if (k === undefined) {
         postRaw(buf, n, from);
-        return;
+        return false;
       }
     }
     const verdict = this.open(k, n, from, now);
     if (verdict === OPENED_FOR_MAIN) {
       // Main decides: control records, another address (roaming), a source the sink refuses.
       const copy = copyOf(buf.subarray(DATA_HEADER, n - TAG_LENGTH));
-      post({ t: 'open', index, plaintext: copy, length: n, from }, [copy.buffer as ArrayBuffer]);
-      return;
+      post({ t: 'open', index: index >>> 0, plaintext: copy, length: n, from }, [copy.buffer as ArrayBuffer]);
+      return false;
     }
-    if (verdict === DROPPED) return;
-    Atomics.add(this.counts, CTRL_OPENED, 1);
-    if (verdict === OPENED_PACKETS) this.deliver(k.sink, buf, n - TAG_LENGTH);
+    if (verdict === DROPPED) return false;
+    const sink = k.sink;
+    if (verdict === OPENED_PACKETS) this.deliver(sink, buf, n - TAG_LENGTH);
+    // Counted after the write, as the packet's way does not need it.
+    const stats = sink.stats;
+    Atomics.add(stats, STAT_RECORDS, 1);
+    Atomics.add(stats, STAT_BYTES, n);
+    if (verdict === OPENED_PACKETS) Atomics.add(stats, STAT_DATA_RECORDS, 1);
+    return true;
   }
 
   /**
    * Check and open the DATA record of `n` bytes in rx under `k`, in place,
-   * and count it on the sink when it is the thread's to finish. `now`:
-   * performance.now() when it was read.
+   * and say whose it is to finish. `now`: performance.now() when it was read.
    */
   private open(k: Keys, n: number, from: string, now: number): Verdict {
     const buf = this.rx;
     const counter = buf.readUInt32LE(5) + buf.readUInt32LE(9) * 0x1_0000_0000;
     if (!k.window.check(counter, MAX_COUNTER)) return DROPPED;
     if (now >= k.rejectAt) return DROPPED;
-    const end = n - TAG_LENGTH;
-    const plaintext = buf.subarray(DATA_HEADER, end);
-    if (!this.aead.decryptInto(k.key, counter, this.rxHeader, buf.subarray(DATA_HEADER, n), plaintext)) return DROPPED;
+    if (!this.aead.openAt(k.key, counter, this.rxHeader, buf, DATA_HEADER, n - DATA_HEADER)) return DROPPED;
     if (!k.window.accept(counter, MAX_COUNTER)) return DROPPED; // main took it meanwhile
     const sink = k.sink;
-    let packets = false;
-    const mine =
-      (sink.recvFrom === null || from === sink.recvFrom) &&
-      (plaintext.length === 0 ||
-        (plaintext[0] === RECORD_DATA && (packets = isPacketsOnly(buf, DATA_HEADER + 1, end, sink.maxPacket, (at, len) => sourceAllowed(buf, at, len, sink)))));
-    if (!mine) return OPENED_FOR_MAIN;
-    const stats = sink.stats;
-    Atomics.add(stats, STAT_RECORDS, 1);
-    Atomics.add(stats, STAT_BYTES, n);
-    if (!packets) return OPENED_KEEPALIVE; // counted, nothing else to do
-    Atomics.add(stats, STAT_DATA_RECORDS, 1);
-    return OPENED_PACKETS;
+    if (sink.recvFrom !== null && from !== sink.recvFrom) return OPENED_FOR_MAIN;
+    // The plaintext is rx[DATA_HEADER, end).
+    const end = n - TAG_LENGTH;
+    if (end === DATA_HEADER) return OPENED_KEEPALIVE;
+    if (buf[DATA_HEADER] !== RECORD_DATA) return OPENED_FOR_MAIN;
+    return isPacketsOnly(buf, DATA_HEADER + 1, end, sink.maxPacket, sourceAllowed, sink) ? OPENED_PACKETS : OPENED_FOR_MAIN;
   }
 
   /** Write the PACKET frames of the opened record that ends at `end` of `buf` into the sink's TUN. */
@@ -461,7 +471,7 @@ class PacketPath {
   private seal(sink: Sink, send: SendState, n: number): boolean {
     const length = this.sealRecord(send, n);
     if (length < 0) return false;
-    const errno = this.udp.send(this.tx.subarray(0, length), sink.sendTo!);
+    const errno = this.udp.send(this.tx, sink.sendTo!, length);
     // A full send buffer loses the datagram, as the network may; the counter is spent either way.
     if (errno !== 0 && errno !== EAGAIN && errno !== ENOBUFS) return true;
     Atomics.add(sink.stats, STAT_SENT_RECORDS, 1);
@@ -483,7 +493,7 @@ class PacketPath {
     tx.writeUInt32BE(0, DATA_HEADER + 2);
     tx.writeUInt16BE(n, DATA_HEADER + 6);
     const plainEnd = PACKET_OFFSET + n;
-    this.aead.encryptInto(send.key, counter, this.txHeader, tx.subarray(DATA_HEADER, plainEnd), tx.subarray(DATA_HEADER, plainEnd + TAG_LENGTH));
+    this.aead.sealAt(send.key, counter, this.txHeader, tx, DATA_HEADER, plainEnd - DATA_HEADER);
     return plainEnd + TAG_LENGTH;
   }
 
@@ -548,9 +558,11 @@ const WARM_SOURCE6_KEY = Buffer.from(WARM_SOURCE6).toString('hex');
 /**
  * The warm-up keys' indexes (main's are random 32-bit numbers), in a map
  * that holds no other keys while they are in it: one above 2^31 and one
- * below, as V8 stores the first as a double and the second as a small
- * integer, and optimized code that has seen only one kind is thrown away
- * when the other comes. WARM_SOURCE is above 2^31 for the same reason.
+ * below, so the warm-up has seen both signs of the map's int32 key, and
+ * both kinds of number the index is handed back to main as (above 2^31 V8
+ * holds a double, below it a small integer; optimized code that has seen
+ * only one kind is thrown away when the other comes). WARM_SOURCE is above
+ * 2^31 for the same reason.
  */
 const WARM_INDEXES = [0xfead_beef, 0x1ead_beef] as const;
 /** An 84-byte ICMP echo, a ping's size, from WARM_SOURCE to itself, and an ICMPv6 echo from WARM_SOURCE6 to itself. */
@@ -650,13 +662,13 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
     owned.delete(tunFd);
     owned.delete(readerFd);
     const sink = new Sink(-1, new TunQueueIo(tunFd, data.wakeFd, VNET_HDR_LEN), WARM_SOURCE, WARM_SOURCE6, WARM_PACKET6.length, new Int32Array(new SharedArrayBuffer(STAT_SLOTS * 4)), self, mine.address);
-    sinks.set(sink.id, sink);
+    addSink(sink);
     const calmReads = new BurstMeter(NEVER_A_BURST);
     const burstReads = new BurstMeter(1);
     const warmReader = new Reader(new TunQueueIo(readerFd, data.wakeFd, VNET_HDR_LEN), new Int32Array(new SharedArrayBuffer(PUMP_CTRL_SLOTS * 4)), -1, calmReads);
     reader = warmReader;
     const sending = WARM_INDEXES.map((index) => new SendState(randomBytes(32), index, new BigInt64Array(new SharedArrayBuffer(8))));
-    for (const send of sending) keys.set(send.remoteIndex, new Keys(sink, send.key, performance.now() + ms + 60_000, ReplayWindow.attach(new ReplayWindow().share())));
+    for (const send of sending) keys.set(send.remoteIndex | 0, new Keys(sink, send.key, performance.now() + ms + 60_000, ReplayWindow.attach(new ReplayWindow().share())));
 
     const back = Buffer.allocUnsafe(2048);
     const until = performance.now() + ms;
@@ -737,8 +749,9 @@ function loopbackSocket(own: (fd: number) => number): { fd: number; address: Buf
 async function run(): Promise<void> {
   const mod = (await import(data.aead.module)) as Record<string, unknown>;
   const make = mod[data.aead.export];
-  const aead = typeof make === 'function' ? (make as () => InPlaceAead | null)() : null;
-  if (aead === null) throw new Error(`${data.aead.export} in ${data.aead.module} gave no AEAD in this thread`);
+  const made = typeof make === 'function' ? (make as () => InPlaceAeadBase | null)() : null;
+  if (made === null) throw new Error(`${data.aead.export} in ${data.aead.module} gave no AEAD in this thread`);
+  const aead = withAt(made);
   const udp = udpIoOnFd(data.udpFd);
   if (udp === undefined) throw new Error('direct UDP I/O is not available in this thread');
   const path = new PacketPath(aead, udp, ctrl, new BurstMeter(TUN_BURST));

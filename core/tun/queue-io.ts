@@ -21,6 +21,7 @@
  */
 import { DshieldError, ErrorCodes } from '../errors.ts';
 import { EAGAIN, EINTR } from '../errno.ts';
+import { ViewOf } from '../view-of.ts';
 import { MAX_IP_PACKET, VNET_HDR_LEN } from './tcp-coalesce.ts';
 import { EFD_CLOEXEC, EFD_NONBLOCK, IFF_VNET_HDR, IFNAMSIZ, IFREQ_SIZE, POLLERR, POLLHUP, POLLIN, POLLNVAL, TUNGETIFF, libc, type Libc } from './libc.ts';
 
@@ -50,6 +51,9 @@ export class TunQueueIo {
   private readonly scratch8 = new Uint8Array(8);
   /** Where write() puts a packet behind its header (made at the first write: most users only read). */
   private framedBuffer: Uint8Array | undefined;
+  /** The views read() and writeAt() hand to the kernel: a thread reads into one place and writes from one. */
+  private readonly readView = new ViewOf();
+  private readonly writeView = new ViewOf();
 
   /** `wakeFd`: an eventfd from `createWakeFd()` that `wake()` signals; `headerLength`: asked of the device unless given. */
   constructor(fd: number, wakeFd: number, headerLength = tunHeaderLength(fd)) {
@@ -71,7 +75,7 @@ export class TunQueueIo {
    */
   read(buf: Uint8Array, at: number): number {
     const header = this.headerLength;
-    const frame = buf.subarray(at - header);
+    const frame = this.readView.from(buf, at - header);
     for (;;) {
       const n = this.c.read(this.fd, frame, frame.length);
       if (n >= 0) return n > header ? n - header : 0;
@@ -98,14 +102,18 @@ export class TunQueueIo {
   /** Write the packet of `length` bytes at `at` of `buf` in place (at >= VNET_HDR_LEN); the header, if any, is written over the bytes before it. */
   writeAt(buf: Uint8Array, at: number, length: number): boolean {
     const header = this.headerLength;
-    buf.fill(0, at - header, at);
-    return this.writeFrame(buf.subarray(at - header, at + length));
+    for (let i = at - header; i < at; i++) buf[i] = 0;
+    return this.writeFrame(this.writeView.from(buf, at - header), header + length);
   }
 
-  /** One whole write: a packet behind the device's header if it has one (a TcpCoalescer's frame needs one), else a plain packet. */
-  writeFrame(frame: Uint8Array): boolean {
+  /**
+   * One whole write of `frame`'s first `length` bytes: a packet behind the
+   * device's header if it has one (a TcpCoalescer's frame needs one), else a
+   * plain packet.
+   */
+  writeFrame(frame: Uint8Array, length = frame.length): boolean {
     for (;;) {
-      const n = this.c.write(this.fd, frame, frame.length);
+      const n = this.c.write(this.fd, frame, length);
       if (n >= 0) return true;
       if (this.c.errno() !== EINTR) return false;
     }
