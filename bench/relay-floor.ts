@@ -30,24 +30,18 @@
  *   DSHIELD_BENCH_RELAY_REQUESTS=100
  */
 import { readFileSync, readdirSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { hasTool } from '../test/helpers/netns.ts';
 import { dshieldTun } from './dshield.ts';
 import { pingRtt, sequentialRequests } from './measure.ts';
 import { openvpnAes, openvpnChacha, plainForwarding, type SystemSpec } from './peers.ts';
-import { startIn, type BenchProc } from './proc.ts';
+import { relay } from './relay-spec.ts';
 import { median } from './report.ts';
-import { PORTS } from './settings.ts';
 import { runSitting } from './sittings.ts';
-import { nsRun } from './topology.ts';
 
 const CIPHER = process.env.DSHIELD_BENCH_RELAY_CIPHER ?? 'chacha20-poly1305';
 const ROUNDS = Math.max(1, Number(process.env.DSHIELD_BENCH_RELAY_ROUNDS ?? 4) || 4);
 const PINGS = Math.min(2000, Math.max(50, Number(process.env.DSHIELD_BENCH_RELAY_PINGS ?? 500) || 500));
 const REQUESTS = Math.min(500, Math.max(10, Number(process.env.DSHIELD_BENCH_RELAY_REQUESTS ?? 100) || 100));
-const TSX = import.meta.resolve('tsx');
-const RELAY = fileURLToPath(new URL('./drivers/tun-relay.ts', import.meta.url));
-const RELAY_SUBNET = '10.12.0.0/24';
 
 function fail(message: string): never {
   console.error(`relay-floor: ${message}`);
@@ -56,49 +50,6 @@ function fail(message: string): never {
 
 if (CIPHER !== 'chacha20-poly1305' && CIPHER !== 'aes-256-gcm') fail(`DSHIELD_BENCH_RELAY_CIPHER must be chacha20-poly1305 or aes-256-gcm, not ${CIPHER}`);
 if (process.platform !== 'linux' || process.getuid?.() !== 0) fail('run it as root on Linux: it builds network namespaces');
-
-/** Two relays (tun-relay.ts), client to server, routing the web host through them as the VPNs do. */
-function relay(aead: 'none' | string, options: string[]): SystemSpec {
-  return {
-    id: `relay/${aead}/${options.join('+') || 'main'}`,
-    system: 'null TUN relay',
-    mode: 'tun',
-    cipher: aead,
-    role: 'reference',
-    expectSource: 'server',
-    needs: [],
-    async start(bt) {
-      const { ns, addr } = bt.topo;
-      const at = `${addr.serverClientSide}:${PORTS.relay}`;
-      const procs: BenchProc[] = [];
-      const start = async (where: string, role: string, dev: string): Promise<void> => {
-        const proc = startIn(where, `relay(${role})`, process.execPath, ['--import', TSX, RELAY, role, dev, at, aead, ...options]);
-        procs.push(proc);
-        await proc.waitFor(/^READY$/m, 20_000);
-      };
-      try {
-        await start(ns.server, 'server', 'nrelay0');
-        await start(ns.client, 'client', 'nrelay0');
-        await nsRun(ns.server, 'ip', ['-batch', '-'], 'addr add 10.12.0.1/24 dev nrelay0\nlink set nrelay0 mtu 1400 up\n');
-        await nsRun(ns.client, 'ip', ['-batch', '-'], `addr add 10.12.0.2/24 dev nrelay0\nlink set nrelay0 mtu 1400 up\nroute add ${bt.webIp}/32 dev nrelay0\n`);
-        await bt.forwarding(true);
-        await bt.masquerade(RELAY_SUBNET);
-      } catch (err) {
-        await Promise.allSettled(procs.map((p) => p.stop()));
-        throw err;
-      }
-      return {
-        pids: procs.map((p) => p.pid),
-        notes: [],
-        async stop() {
-          await Promise.allSettled(procs.map((p) => p.stop()));
-          await bt.unmasquerade();
-          await bt.forwarding(false);
-        },
-      };
-    },
-  };
-}
 
 const systems: Array<[name: string, spec: SystemSpec]> = [
   ['plain', plainForwarding],

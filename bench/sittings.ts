@@ -1,7 +1,7 @@
 /**
  * Rounds of systems in one sitting, for the diagnostic scripts that compare
  * a few TUN systems in the bench topology (ping-spacing.ts, ping-footprint.ts,
- * relay-floor.ts).
+ * relay-floor.ts, syscall-gaps.ts).
  *
  * Builds the topology, then in each round starts every system in turn,
  * warms it up as the bench does (2 s of iperf3 unless it is the baseline,
