@@ -47,10 +47,11 @@ const ADDRESS_TEXT_LIMIT = 4096;
 
 export interface UdpIo {
   /**
-   * sendto(2) of `datagram`'s first `length` bytes (all of it by default) to
-   * `to` (from `sockaddrIn`), without blocking: 0 when the kernel took it, else the errno (EAGAIN or ENOBUFS:
-   * the socket's send buffer is full; anything else: this datagram failed).
-   * The kernel has copied the datagram when this returns.
+   * sendto(2) of `datagram`'s first `length` bytes (all of it by default)
+   * to `to` (from `sockaddrIn`), without blocking: 0 when the kernel took
+   * it, else the errno (EAGAIN or ENOBUFS: the socket's send buffer is full;
+   * anything else: this datagram failed). The kernel has copied the datagram
+   * when this returns. A RangeError for a length past the datagram's end.
    */
   send(datagram: Uint8Array, to: Uint8Array, length?: number): number;
   /**
@@ -269,6 +270,8 @@ class FdUdpIo implements UdpIo {
   }
 
   send(datagram: Uint8Array, to: Uint8Array, length = datagram.length): number {
+    // The kernel is handed an address and a length: never more than the memory there.
+    if (!(length >= 0 && length <= datagram.length)) throw new RangeError(`a ${length}-byte send from ${datagram.length} bytes`);
     return this.c.sendto(this.fd, datagram, length, MSG_DONTWAIT, to, to.length) < 0 ? this.c.errno() : 0;
   }
 

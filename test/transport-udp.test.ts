@@ -80,6 +80,25 @@ test('IPv4 sockets get direct I/O; IPv6 sockets stay on dgram', async () => {
   assert.is(openUdpIo(v6), undefined);
 });
 
+test('direct I/O sends the first `length` bytes it is given, and refuses a length past the datagram', async () => {
+  const receiver = await plainSocket();
+  const got: Buffer[] = [];
+  receiver.on('message', (m) => got.push(m));
+  const sender = await plainSocket();
+  const io = openUdpIo(sender)!;
+  const to = sockaddrIn('127.0.0.1', receiver.address().port)!;
+  const buf = patterned(1, 100);
+  assert.is(io.send(buf, to, 40), 0);
+  assert.is(io.send(buf, to), 0, 'all of it by default');
+  assert.throws(() => io.send(buf, to, 101), RangeError);
+  assert.throws(() => io.send(buf, to, -1), RangeError);
+  await until('two datagrams', () => got.length === 2);
+  assert.ok(got[0]!.equals(buf.subarray(0, 40)), 'the first 40 bytes');
+  assert.ok(got[1]!.equals(buf), 'the whole buffer');
+  await sleep(20);
+  assert.is(got.length, 2, 'nothing for the refused lengths');
+});
+
 test(`gso: false: ${COUNT} sends in one tick: each is in the kernel when send() returns (pending 0), and all arrive in order`, async () => {
   const receiver = await plainSocket();
   const got: Buffer[] = [];

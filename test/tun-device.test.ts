@@ -385,6 +385,7 @@ for (const { vnetHeader, tag } of HEADER_CASES) {
     const out = Buffer.alloc(at + p.length, 0xee);
     p.copy(out, at);
     assert.ok(ios[1]!.writeAt(out, at, p.length), 'the kernel took the packet');
+    assert.not.ok(ios[1]!.writeAt(out, at, p.length + 1), 'a length past the buffer: refused, nothing handed to the kernel');
     assert.ok(ios[0]!.write(p), 'and the same packet by write()');
     await waitFor('both datagrams at the socket', () => seen.length === 2);
     assert.equal(seen, [42, 42]);

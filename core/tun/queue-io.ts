@@ -109,9 +109,12 @@ export class TunQueueIo {
   /**
    * One whole write of `frame`'s first `length` bytes: a packet behind the
    * device's header if it has one (a TcpCoalescer's frame needs one), else a
-   * plain packet.
+   * plain packet. False, with nothing written, for a length past the
+   * frame's end.
    */
   writeFrame(frame: Uint8Array, length = frame.length): boolean {
+    // The kernel is handed an address and a length: never more than the memory there.
+    if (!(length >= 0 && length <= frame.length)) return false;
     for (;;) {
       const n = this.c.write(this.fd, frame, length);
       if (n >= 0) return true;
