@@ -46,6 +46,8 @@ const PINGS = Math.min(2000, Math.max(50, Number(process.env.DSHIELD_BENCH_GAPS_
 /** How long perf gets to attach before the pings start, and to write its file after SIGINT. */
 const PERF_ATTACH_MS = 1000;
 const PERF_STOP_MS = 15_000;
+/** A step in at least this many of a round's pings is one a ping takes (others: a wake from main, a burst). */
+const STEP_OF_A_PING = 0.9 * PINGS;
 
 function fail(message: string): never {
   console.error(`syscall-gaps: ${message}`);
@@ -146,14 +148,14 @@ for (const [name] of systems) {
 console.log('\nSteps of the packet thread (median µs of each, over all rounds; the steps a ping takes once each):');
 for (const [side, label] of ['server', 'client'].entries()) {
   const names = new Set<string>();
-  for (const [name] of systems) for (const r of results.get(name)!) for (const [step, gaps] of r.threads[side]!.steps) if (gaps.length >= PINGS * 0.9) names.add(step);
+  for (const [name] of systems) for (const r of results.get(name)!) for (const [step, gaps] of r.threads[side]!.steps) if (gaps.length >= STEP_OF_A_PING) names.add(step);
   console.log(`\n${label}:`);
   console.log(`| step | ${systems.map(([name]) => name).join(' | ')} |`);
   console.log(`|---|${systems.map(() => '---').join('|')}|`);
   for (const step of [...names].sort()) {
     const cells = systems.map(([name]) => {
       const gaps = results.get(name)!.flatMap((r) => r.threads[side]!.steps.get(step) ?? []);
-      return gaps.length >= PINGS * 0.9 * ROUNDS ? median(gaps).toFixed(0) : '—';
+      return gaps.length >= STEP_OF_A_PING * ROUNDS ? median(gaps).toFixed(0) : '—';
     });
     console.log(`| ${step} | ${cells.join(' | ')} |`);
   }
