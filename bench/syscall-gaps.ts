@@ -25,11 +25,15 @@
  *   DSHIELD_BENCH_GAPS_CIPHER=chacha20-poly1305 | aes-256-gcm   (default chacha20-poly1305)
  *   DSHIELD_BENCH_GAPS_ROUNDS=3
  *   DSHIELD_BENCH_GAPS_PINGS=500
+ *   DSHIELD_BENCH_GAPS_AGAINST=DIR     also dshield from the checkout at DIR (with its own
+ *                                      node_modules): an A/B of a change, in the same sitting
+ *   DSHIELD_BENCH_GAPS_SYSTEMS=relay,dshield,openvpn,against   which to run (default: all)
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { hasTool } from '../test/helpers/netns.ts';
 import { dshieldTun } from './dshield.ts';
@@ -58,11 +62,31 @@ if (CIPHER !== 'chacha20-poly1305' && CIPHER !== 'aes-256-gcm') fail(`DSHIELD_BE
 if (process.platform !== 'linux' || process.getuid?.() !== 0) fail('run it as root on Linux: it builds network namespaces and traces syscalls');
 if (process.arch !== 'x64') fail('the syscall numbers it names are x86-64 ones');
 
-const systems: Array<[name: string, spec: SystemSpec]> = [
-  ['relay, thread, vnet', relay(CIPHER, ['thread', 'vnet'])],
-  ['dshield', dshieldTun('udp', CIPHER)],
-  ['OpenVPN', CIPHER === 'aes-256-gcm' ? openvpnAes : openvpnChacha],
+const AGAINST = process.env.DSHIELD_BENCH_GAPS_AGAINST;
+const WANTED = new Set((process.env.DSHIELD_BENCH_GAPS_SYSTEMS ?? 'relay,dshield,openvpn,against').split(',').map((s) => s.trim()));
+const allSystems: Array<[key: string, name: string, spec: () => Promise<SystemSpec>]> = [
+  ['relay', 'relay, thread, vnet', async () => relay(CIPHER, ['thread', 'vnet'])],
+  ['dshield', `dshield ${commitOf('.')}`, async () => dshieldTun('udp', CIPHER)],
+  ['openvpn', 'OpenVPN', async () => (CIPHER === 'aes-256-gcm' ? openvpnAes : openvpnChacha)],
 ];
+if (AGAINST !== undefined) {
+  // That checkout's own bench/dshield.ts starts that checkout's CLI.
+  const dir = resolve(AGAINST);
+  if (!existsSync(join(dir, 'bench', 'dshield.ts'))) fail(`DSHIELD_BENCH_GAPS_AGAINST: no bench/dshield.ts in ${dir}`);
+  allSystems.push(['against', `dshield ${commitOf(dir)} (${dir})`, async () => ((await import(pathToFileURL(join(dir, 'bench', 'dshield.ts')).href)) as { dshieldTun: typeof dshieldTun }).dshieldTun('udp', CIPHER)]);
+}
+const unknown = [...WANTED].filter((key) => !['relay', 'dshield', 'openvpn', 'against'].includes(key));
+if (unknown.length > 0) fail(`DSHIELD_BENCH_GAPS_SYSTEMS: unknown ${unknown.join(', ')} (relay, dshield, openvpn, against)`);
+const systems: Array<[name: string, spec: SystemSpec]> = await Promise.all(allSystems.filter(([key]) => WANTED.has(key)).map(async ([, name, spec]) => [name, await spec()] as [string, SystemSpec]));
+if (systems.length === 0) fail('DSHIELD_BENCH_GAPS_SYSTEMS names no system to run');
+
+/** The commit checked out at `dir`, with a + when its tree has changes, for telling an A/B's two sides apart. */
+function commitOf(dir: string): string {
+  const head = spawnSync('git', ['-C', dir, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' });
+  if (head.status !== 0) return '(not a git checkout)';
+  const dirty = spawnSync('git', ['-C', dir, 'status', '--porcelain', '--untracked-files=no'], { encoding: 'utf8' }).stdout.trim() !== '';
+  return `${head.stdout.trim()}${dirty ? '+' : ''}`;
+}
 const missing = ['perf', 'ping', 'iperf3', 'ip', 'nft', ...systems.flatMap(([, s]) => s.needs)].filter((tool) => !hasTool(tool));
 if (missing.length > 0) fail(`missing ${[...new Set(missing)].join(', ')} (perf: apt-get install linux-perf; the rest: \`npm run bench\` installs them)`);
 
