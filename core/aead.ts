@@ -122,15 +122,17 @@ export interface NodeAeadSpec {
  */
 export function noiseNonce(order: 'BE' | 'LE'): { nonce: Buffer; set(counter: number): void } {
   const nonce = Buffer.alloc(12);
+  // A DataView, not Buffer's write methods: it is set for every record (see bytes.ts).
+  const view = new DataView(nonce.buffer, nonce.byteOffset, nonce.length);
   const set =
     order === 'BE'
       ? (counter: number): void => {
-          nonce.writeUInt32BE(Math.floor(counter / TWO_POW_32), 4);
-          nonce.writeUInt32BE(counter >>> 0, 8);
+          view.setUint32(4, Math.floor(counter / TWO_POW_32));
+          view.setUint32(8, counter >>> 0);
         }
       : (counter: number): void => {
-          nonce.writeUInt32LE(counter >>> 0, 4);
-          nonce.writeUInt32LE(Math.floor(counter / TWO_POW_32), 8);
+          view.setUint32(4, counter >>> 0, true);
+          view.setUint32(8, Math.floor(counter / TWO_POW_32), true);
         };
   return { nonce, set };
 }

@@ -89,6 +89,7 @@ import type { EventBus } from './events.ts';
 import { watchAbort } from './abort-watch.ts';
 import { countView, vouchRecord } from './record-memory.ts';
 import type { Logger, Target, TunnelUdp } from './types.ts';
+import { u16be } from './bytes.ts';
 
 // ---------------------------------------------------------------------------
 // Public API
@@ -1887,8 +1888,9 @@ export function isPacketsOnly<C>(
 ): boolean {
   if (start >= end) return false;
   for (let at = start; at < end; ) {
-    if (end - at < FRAME_HEADER || buf[at] !== FrameType.PACKET || buf.readUInt32BE(at + 1) !== 0) return false;
-    const length = buf.readUInt16BE(at + 5);
+    // A PACKET frame's stream id is 0: all four of its bytes.
+    if (end - at < FRAME_HEADER || buf[at] !== FrameType.PACKET || (buf[at + 1]! | buf[at + 2]! | buf[at + 3]! | buf[at + 4]!) !== 0) return false;
+    const length = u16be(buf, at + 5);
     const body = at + FRAME_HEADER;
     if (length === 0 || length > maxPacket || body + length > end) return false;
     if (accept !== undefined && !accept(buf, body, length, context as C)) return false;

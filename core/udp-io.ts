@@ -240,6 +240,10 @@ class FdUdpIo implements UdpIo {
   private readonly sockaddrLength = new Uint32Array(1);
   private readonly texts = new Map<number, string>();
   private last = '';
+  /** The sender of the last datagram as one number (see receive; NaN: none yet, and a double from the first, so V8 never changes how the field is stored). */
+  private lastKey = NaN;
+  /** sockaddr for the numbers in it (not Buffer's methods: bytes.ts). */
+  private readonly sockaddrView = new DataView(this.sockaddr.buffer, this.sockaddr.byteOffset, SOCKADDR_IN_SIZE);
   /**
    * sendSegments' message, made once; each call sets the address, the
    * buffer and its length (the two buffers here are placeholders until
@@ -292,15 +296,19 @@ class FdUdpIo implements UdpIo {
     this.sockaddrLength[0] = SOCKADDR_IN_SIZE;
     const n = this.c.recvfrom(this.fd, buf, buf.length, MSG_DONTWAIT, sockaddr, this.sockaddrLength);
     if (n < 0) return -1;
-    // One number per sender (address and port) finds its text without building a string.
-    const key = sockaddr.readUInt32BE(4) * 65536 + sockaddr.readUInt16BE(2);
+    // One number per sender (address and port) finds its text without building a string; most datagrams come from the last sender.
+    const view = this.sockaddrView;
+    const port = view.getUint16(2);
+    const key = view.getUint32(4) * 65536 + port;
+    if (key === this.lastKey) return n;
     let text = this.texts.get(key);
     if (text === undefined) {
-      text = `${sockaddr[4]}.${sockaddr[5]}.${sockaddr[6]}.${sockaddr[7]}:${sockaddr.readUInt16BE(2)}`;
+      text = `${sockaddr[4]}.${sockaddr[5]}.${sockaddr[6]}.${sockaddr[7]}:${port}`;
       if (this.texts.size >= ADDRESS_TEXT_LIMIT) this.texts.clear();
       this.texts.set(key, text);
     }
     this.last = text;
+    this.lastKey = key;
     return n;
   }
 

@@ -10,7 +10,7 @@
 import { randomBytes } from 'node:crypto';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { bySize, nodeAead, withAt, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
+import { bySize, nodeAead, noiseNonce, withAt, type InPlaceAead, type NodeAeadSpec } from '../core/aead.ts';
 import { loadLibsodiumAesGcm, loadLibsodiumChaCha } from '../core/libsodium-aead.ts';
 import { loadOpenSslAesGcm, loadOpenSslChaCha } from '../core/openssl-aead.ts';
 import { loadSodiumChaCha } from '../core/sodium-aead.ts';
@@ -176,6 +176,21 @@ test('withAt: an AEAD with only encryptInto and decryptInto (a plugin\'s thread 
   assert.is(aead.openAt(key, 5, Buffer.alloc(0), memory, 13, 101), false);
   const full = loadLibsodiumChaCha();
   if (full !== null) assert.is(withAt(full), full, 'one that has them keeps its own');
+});
+
+test("noiseNonce: 4 zero bytes, then the 64-bit counter in the cipher's byte order (AESGCM big-endian, ChaChaPoly little-endian)", () => {
+  const be = noiseNonce('BE');
+  const le = noiseNonce('LE');
+  for (const counter of [0, 1, 0xffff_ffff, 2 ** 32, 2 ** 32 + 7, 2 ** 40 + 0x1234_5678, Number.MAX_SAFE_INTEGER]) {
+    const big = Buffer.alloc(12);
+    big.writeBigUInt64BE(BigInt(counter), 4);
+    const little = Buffer.alloc(12);
+    little.writeBigUInt64LE(BigInt(counter), 4);
+    be.set(counter);
+    le.set(counter);
+    assert.equal([...be.nonce], [...big], `big-endian nonce of ${counter}`);
+    assert.equal([...le.nonce], [...little], `little-endian nonce of ${counter}`);
+  }
 });
 
 test.run();

@@ -7,7 +7,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { randomBytes } from 'node:crypto';
 import type { Duplex } from 'node:stream';
-import { encodeFrame, FrameType, type OpenRequest } from '../core/mux.ts';
+import { encodeFrame, FRAME_HEADER, FrameType, isPacketsOnly, type OpenRequest } from '../core/mux.ts';
 import { muxPair, type MuxPair } from './helpers/mux-pair.ts';
 import { withTimeout } from './helpers/timeout.ts';
 
@@ -167,6 +167,28 @@ test('packets flow beside a bulk stream, and not after close', async () => {
   } finally {
     p.close();
   }
+});
+
+test('isPacketsOnly: a run of whole PACKET frames under the limit, each body shown to accept; anything else is not', () => {
+  const a = encodeFrame(FrameType.PACKET, 0, randomBytes(40));
+  const b = encodeFrame(FrameType.PACKET, 0, randomBytes(MTU));
+  const run = Buffer.concat([Buffer.alloc(3), a, b]);
+  const seen: Array<[number, number]> = [];
+  const accept = (_buf: Buffer, at: number, length: number, into: Array<[number, number]>) => (into.push([at, length]), true);
+  assert.ok(isPacketsOnly(run, 3, run.length, MTU, accept, seen), 'two frames');
+  assert.equal(seen, [[3 + FRAME_HEADER, 40], [3 + a.length + FRAME_HEADER, MTU]], 'accept saw each body, in place');
+  assert.ok(!isPacketsOnly(run, 3, run.length, MTU - 1, accept, []), 'a body over maxPacket');
+  assert.ok(!isPacketsOnly(run, 3, run.length - 1, MTU, accept, []), 'the last frame cut short');
+  assert.ok(!isPacketsOnly(run, 3, 3, MTU, accept, []), 'nothing at all');
+  assert.ok(!isPacketsOnly(run, 3, run.length, MTU, () => false), 'accept refused one');
+  for (let i = 1; i <= 4; i++) {
+    const other = Buffer.from(run);
+    other[3 + a.length + i] = 0x80;
+    assert.ok(!isPacketsOnly(other, 3, other.length, MTU), `a stream id with byte ${i} set: not a packet frame`);
+  }
+  const data = Buffer.concat([a, encodeFrame(FrameType.DATA, 0, randomBytes(10))]);
+  assert.ok(!isPacketsOnly(data, 0, data.length, MTU), 'another frame type');
+  assert.ok(!isPacketsOnly(encodeFrame(FrameType.PACKET, 0), 0, FRAME_HEADER, MTU), 'an empty packet');
 });
 
 test.run();

@@ -14,7 +14,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import udp from '../plugins/transport-udp.ts';
 import type { DatagramEndpoint, DatagramTransportPlugin } from '../core/types.ts';
-import { openUdpIo, sockaddrIn } from '../core/udp-io.ts';
+import { openUdpIo, sockaddrIn, udpIoOnFd } from '../core/udp-io.ts';
+import { AF_INET, SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, libc } from '../core/tun/libc.ts';
 import { testContext } from './helpers/context.ts';
 import { patterned, sleep } from './helpers/link-probe.ts';
 
@@ -297,6 +298,31 @@ test('a send the kernel refuses (broadcast without SO_BROADCAST) is lost quietly
   assert.ok(e.send(patterned(2, 10), `127.0.0.1:${receiver.address().port}`));
   await until('the next datagram', () => got.length === 1);
   assert.is(got[0]!.readUInt32BE(0), 2);
+});
+
+test('direct reads name each datagram\'s sender, as senders alternate and repeat', async () => {
+  const c = libc();
+  const fd = c.socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  assert.ok(fd >= 0, 'a socket');
+  cleanups.push(() => void c.close(fd));
+  const address = sockaddrIn('127.0.0.1', 0)!;
+  assert.is(c.bind(fd, address, address.length), 0, 'bound');
+  assert.is(c.getsockname(fd, address, new Uint32Array([address.length])), 0);
+  const port = address.readUInt16BE(2);
+  const io = udpIoOnFd(fd)!;
+  assert.ok(io !== undefined, 'direct I/O on this platform');
+  const a = await plainSocket();
+  const b = await plainSocket();
+  const buf = Buffer.alloc(64);
+  // Repeats and switches: each read must name its own sender, not the one before.
+  for (const [i, s] of [a, a, b, a, b, b, a].entries()) {
+    s.send(patterned(i, 8), port, '127.0.0.1');
+    let n = -1;
+    await until(`datagram ${i}`, () => (n = io.receive(buf)) >= 0);
+    assert.is(n, 8);
+    assert.is(buf.readUInt32BE(0), i, `datagram ${i}`);
+    assert.is(io.from, `127.0.0.1:${s.address().port}`, `sender of datagram ${i}`);
+  }
 });
 
 test.run();

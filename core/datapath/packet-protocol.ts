@@ -21,7 +21,7 @@ export interface PacketWorkerData {
   ctrl: SharedArrayBuffer;
 }
 
-/** Datagrams the thread took from the socket (for tests and logs). */
+/** Datagrams the thread took from the socket (for tests and logs; like CTRL_OPENED, written only by the thread). */
 export const CTRL_RECEIVED = 0;
 /** Records the thread opened and handled itself (packets written, keepalives). */
 export const CTRL_OPENED = 1;
@@ -30,9 +30,10 @@ export const CTRL_POSTED = 2;
 export const CTRL_SLOTS = 3;
 
 /**
- * Per-session counters the thread adds to (Int32Array over a SharedArrayBuffer),
- * read by main at least once a second: they wrap, so main takes differences
- * modulo 2^32 (4 GiB a second is beyond this path).
+ * Per-session counters the thread adds to (Int32Array over a SharedArrayBuffer;
+ * only the thread writes them, main reads them with Atomics.load), read by
+ * main at least once a second: they wrap, so main takes differences modulo
+ * 2^32 (4 GiB a second is beyond this path).
  */
 export const STAT_RECORDS = 0;
 export const STAT_DATA_RECORDS = 1;

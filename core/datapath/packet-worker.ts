@@ -46,7 +46,7 @@
  *
  * workerData: PacketWorkerData. Commands: PacketCommand (packet-protocol.ts).
  */
-import { parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
+import { MessageChannel, parentPort, receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { ReplayWindow } from '../replay-window.ts';
@@ -59,6 +59,7 @@ import { sockaddrIn, udpIoOnFd, type UdpIo } from '../udp-io.ts';
 import { withAt, type InPlaceAead, type InPlaceAeadBase } from '../aead.ts';
 import { EAGAIN, ENOBUFS } from '../errno.ts';
 import { FRAME_HEADER, FrameType, isPacketsOnly } from '../mux.ts';
+import { u16be, u32be } from '../bytes.ts';
 import { MAX_COUNTER } from '../noise.ts';
 import { DATA_HEADER, MSG_DATA, RECORD_DATA, TAG_LENGTH } from '../session-datagram.ts';
 import {
@@ -141,7 +142,7 @@ function threadTime(epochMs: number): number {
 }
 
 const sinks = new Map<number, Sink>();
-/** Server: sinks by their client's address, to route what the TUN gives back. */
+/** Server: sinks by their client's address (IPv4 as a signed 32-bit number, as keys below), to route what the TUN gives back. */
 const sinksBy4 = new Map<number, Sink>();
 const sinksBy6 = new Map<string, Sink>();
 /**
@@ -173,7 +174,7 @@ let onlySink: Sink | undefined;
 function addSink(sink: Sink): void {
   sinks.set(sink.id, sink);
   onlySink = sinks.size === 1 ? sink : undefined;
-  if (sink.source4 !== -1) sinksBy4.set(sink.source4, sink);
+  if (sink.source4 !== -1) sinksBy4.set(sink.source4 | 0, sink);
   if (sink.source6 !== null) sinksBy6.set(Buffer.from(sink.source6).toString('hex'), sink);
 }
 
@@ -195,7 +196,7 @@ function destination(peer: string): Buffer | undefined {
 
 function removeSink(sink: Sink): void {
   sinks.delete(sink.id);
-  if (sinksBy4.get(sink.source4) === sink) sinksBy4.delete(sink.source4);
+  if (sinksBy4.get(sink.source4 | 0) === sink) sinksBy4.delete(sink.source4 | 0);
   const key6 = sink.source6 === null ? null : Buffer.from(sink.source6).toString('hex');
   if (key6 !== null && sinksBy6.get(key6) === sink) sinksBy6.delete(key6);
   for (const [index, k] of keys) if (k.sink === sink) keys.delete(index);
@@ -250,23 +251,35 @@ function apply(cmd: PacketCommand): void {
   }
 }
 
-let postedSeen = 0;
+/**
+ * Commands posted to this thread on a port, counted in CTRL_POSTED of a
+ * shared Int32Array: main's, or the warm-up's own (so the warm-up runs this
+ * code without ever applying one of main's).
+ */
+class Commands {
+  private seen = 0;
 
-/** Apply what main has posted. Cheap when nothing was: one shared counter says so. */
-function drainPort(): void {
-  const posted = Atomics.load(ctrl, CTRL_POSTED);
-  if (posted === postedSeen) return;
-  postedSeen = posted;
-  for (;;) {
-    const m = receiveMessageOnPort(port);
-    if (m === undefined) return;
-    apply(m.message as PacketCommand);
+  constructor(
+    private readonly port: MessagePort,
+    private readonly posted: Int32Array,
+  ) {}
+
+  /** Apply what was posted since the last look. Cheap when nothing was: one shared counter says so. */
+  drain(): void {
+    const count = Atomics.load(this.posted, CTRL_POSTED);
+    if (count === this.seen) return;
+    this.seen = count;
+    for (;;) {
+      const m = receiveMessageOnPort(this.port);
+      if (m === undefined) return;
+      apply(m.message as PacketCommand);
+    }
   }
 }
 
 function sourceAllowed(p: Buffer, at: number, len: number, sink: Sink): boolean {
   const version = p[at]! >> 4;
-  if (version === 4) return len >= 20 && (sink.source4 === -1 || p.readUInt32BE(at + 12) === sink.source4);
+  if (version === 4) return len >= 20 && (sink.source4 === -1 || u32be(p, at + 12) === sink.source4);
   if (version === 6) {
     if (len < 40) return false;
     const want = sink.source6;
@@ -281,9 +294,20 @@ function sourceAllowed(p: Buffer, at: number, len: number, sink: Sink): boolean 
 function route(p: Buffer, at: number, len: number): Sink | undefined {
   if (sinksBy4.size === 0 && sinksBy6.size === 0) return onlySink;
   const version = p[at]! >> 4;
-  if (version === 4 && len >= 20) return sinksBy4.get(p.readUInt32BE(at + 16));
+  if (version === 4 && len >= 20) return sinksBy4.get(u32be(p, at + 16) | 0);
   if (version === 6 && len >= 40) return sinksBy6.get(p.toString('hex', at + 24, at + 40));
   return undefined;
+}
+
+/**
+ * Add `n` to a counter that only this thread writes (CTRL_RECEIVED,
+ * CTRL_OPENED and the STAT_* slots; main reads them with Atomics.load): a
+ * plain store, which optimized code makes in place, where Atomics.add is a
+ * call into one of V8's builtins for every packet. An Int32Array element is
+ * never torn, and it wraps as Atomics.add would.
+ */
+function count(counters: Int32Array, slot: number, n: number): void {
+  counters[slot] = (counters[slot]! + n) | 0;
 }
 
 /** Pass a datagram the thread does not open to main (in memory of its own, moved, not cloned again). */
@@ -301,9 +325,11 @@ function copyOf(bytes: Uint8Array): Uint8Array {
 class PacketPath {
   private readonly rx = Buffer.allocUnsafe(65536);
   private readonly tx = Buffer.allocUnsafe(65536);
-  /** Views made once, not per packet: a record's header (its AD) in rx and tx. */
+  /** Views made once, not per packet: a record's header (its AD) in rx and tx, and rx and tx for numbers (not Buffer's methods: bytes.ts). */
   private readonly rxHeader = this.rx.subarray(0, DATA_HEADER);
   private readonly txHeader = this.tx.subarray(0, DATA_HEADER);
+  private readonly rxView = new DataView(this.rx.buffer, this.rx.byteOffset, this.rx.length);
+  private readonly txView = new DataView(this.tx.buffer, this.tx.byteOffset, this.tx.length);
   /** A packet went into a TUN since the last look: its answer may be queued there already. */
   wroteToTun = false;
   /** When the last datagram and the last TUN packet were read (performance.now()). */
@@ -313,6 +339,8 @@ class PacketPath {
   constructor(
     private readonly aead: InPlaceAead,
     private readonly udp: UdpIo,
+    /** Main's commands, or the warm-up's. */
+    readonly commands: Commands,
     /** Where CTRL_RECEIVED and CTRL_OPENED are counted: main's ctrl, or the warm-up's own. */
     private readonly counts: Int32Array,
     /** Datagrams a millisecond, to hand the socket to main on a burst. */
@@ -335,8 +363,8 @@ class PacketPath {
       const now = performance.now();
       const opened = this.datagram(n, this.udp.from, now);
       // Counted after the packet went into the TUN: none of this is on its way.
-      Atomics.add(this.counts, CTRL_RECEIVED, 1);
-      if (opened) Atomics.add(this.counts, CTRL_OPENED, 1);
+      count(this.counts, CTRL_RECEIVED, 1);
+      if (opened) count(this.counts, CTRL_OPENED, 1);
       if (this.datagramBursts.tick(now)) {
         // Coming fast: main's batched path reads from now on, as before this thread (its core does the work).
         udpOwned = false;
@@ -406,11 +434,11 @@ class PacketPath {
       postRaw(buf, n, from);
       return false;
     }
-    const index = buf.readInt32LE(1);
+    const index = this.rxView.getInt32(1, true);
     let k = keys.get(index);
     if (k === undefined) {
       // Main may have just handed these keys over: look before passing it on.
-      drainPort();
+      this.commands.drain();
       k = keys.get(index);
       if (k === undefined) {
         postRaw(buf, n, from);
@@ -429,9 +457,9 @@ class PacketPath {
     if (verdict === OPENED_PACKETS) this.deliver(sink, buf, n - TAG_LENGTH);
     // Counted after the write, as the packet's way does not need it.
     const stats = sink.stats;
-    Atomics.add(stats, STAT_RECORDS, 1);
-    Atomics.add(stats, STAT_BYTES, n);
-    if (verdict === OPENED_PACKETS) Atomics.add(stats, STAT_DATA_RECORDS, 1);
+    count(stats, STAT_RECORDS, 1);
+    count(stats, STAT_BYTES, n);
+    if (verdict === OPENED_PACKETS) count(stats, STAT_DATA_RECORDS, 1);
     return true;
   }
 
@@ -441,7 +469,7 @@ class PacketPath {
    */
   private open(k: Keys, n: number, from: string, now: number): Verdict {
     const buf = this.rx;
-    const counter = buf.readUInt32LE(5) + buf.readUInt32LE(9) * 0x1_0000_0000;
+    const counter = this.rxView.getUint32(5, true) + this.rxView.getUint32(9, true) * 0x1_0000_0000;
     if (!k.window.check(counter, MAX_COUNTER)) return DROPPED;
     if (now >= k.rejectAt) return DROPPED;
     if (!this.aead.openAt(k.key, counter, this.rxHeader, buf, DATA_HEADER, n - DATA_HEADER)) return DROPPED;
@@ -458,7 +486,7 @@ class PacketPath {
   /** Write the PACKET frames of the opened record that ends at `end` of `buf` into the sink's TUN. */
   private deliver(sink: Sink, buf: Buffer, end: number): void {
     for (let at = DATA_HEADER + 1; at < end; ) {
-      const len = buf.readUInt16BE(at + 5);
+      const len = u16be(buf, at + 5);
       const body = at + FRAME_HEADER;
       // In place: the device's vnet header, if it has one, goes over the frame header before the packet. A packet the kernel refuses is dropped, as a NIC would.
       sink.io.writeAt(buf, body, len);
@@ -474,8 +502,8 @@ class PacketPath {
     const errno = this.udp.send(this.tx, sink.sendTo!, length);
     // A full send buffer loses the datagram, as the network may; the counter is spent either way.
     if (errno !== 0 && errno !== EAGAIN && errno !== ENOBUFS) return true;
-    Atomics.add(sink.stats, STAT_SENT_RECORDS, 1);
-    Atomics.add(sink.stats, STAT_SENT_BYTES, length);
+    count(sink.stats, STAT_SENT_RECORDS, 1);
+    count(sink.stats, STAT_SENT_BYTES, length);
     return true;
   }
 
@@ -485,13 +513,14 @@ class PacketPath {
     if (counter >= MAX_COUNTER) return -1;
     const tx = this.tx;
     tx[0] = MSG_DATA;
-    tx.writeUInt32LE(send.remoteIndex, 1);
-    tx.writeUInt32LE(counter >>> 0, 5);
-    tx.writeUInt32LE(Math.floor(counter / 0x1_0000_0000), 9);
+    const view = this.txView;
+    view.setUint32(1, send.remoteIndex, true);
+    view.setUint32(5, counter >>> 0, true);
+    view.setUint32(9, Math.floor(counter / 0x1_0000_0000), true);
     tx[DATA_HEADER] = RECORD_DATA;
     tx[DATA_HEADER + 1] = FrameType.PACKET;
-    tx.writeUInt32BE(0, DATA_HEADER + 2);
-    tx.writeUInt16BE(n, DATA_HEADER + 6);
+    view.setUint32(DATA_HEADER + 2, 0);
+    view.setUint16(DATA_HEADER + 6, n);
     const plainEnd = PACKET_OFFSET + n;
     this.aead.sealAt(send.key, counter, this.txHeader, tx, DATA_HEADER, plainEnd - DATA_HEADER);
     return plainEnd + TAG_LENGTH;
@@ -545,6 +574,8 @@ const WARM_UP_MS = 300;
 const AEAD_CHECK_ROUNDS = 8;
 /** How long a warm-up round waits for its packet at each step before it gives up. */
 const WARM_UP_WAIT_MS = 50;
+/** Turns of the loop a warm-up packet may take to come back (it takes three or four). */
+const LOOP_TURNS = 8;
 /** A reads meter that never sees a burst: warm-up packets come back to back, and must take the lone packets' way. */
 const NEVER_A_BURST = 0x3fff_ffff;
 /**
@@ -611,7 +642,10 @@ function warmPacket(version: 4 | 6): Buffer {
  * until V8 has optimized it (`rounds`, or `ms`): a socketpair stands in for
  * the TUN, and a UDP socket on 127.0.0.1 sends each sealed packet to
  * itself. A round is a ping's way through a server's thread: read from the
- * TUN, sealed, sent; received, opened, written back into the TUN.
+ * TUN, sealed, sent; received, opened, written back into the TUN. Most
+ * rounds take that way through the thread's own loop (serve and
+ * Loop.turn, on the warm-up's fds and a port of its own), as real packets
+ * do; the rounds that go to main or burst call the path's steps directly.
  *
  * Rounds vary the way a real packet's do, so that V8 has seen every branch
  * one takes when it compiles, and throws none of it away later: a server's
@@ -637,8 +671,8 @@ function warmPacket(version: 4 | 6): Buffer {
  * Returns the rounds done. It stops early, quietly, where the circuit
  * cannot be made or a packet does not come back (no loopback, a firewall):
  * the thread then starts colder, nothing else. Runs before the thread takes
- * any traffic and never looks at the port, so no real sink, key or reader
- * is in the maps meanwhile.
+ * any traffic and never looks at main's port (its loop drains a port of its
+ * own), so no real sink, key or reader is in the maps meanwhile.
  */
 function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): number {
   const c = libc();
@@ -646,6 +680,7 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
   const own = (fd: number): number => (fd >= 0 && owned.add(fd), fd);
   const close = (fd: number): void => void (owned.delete(fd) && c.close(fd));
   let done = 0;
+  let channel: MessageChannel | undefined;
   try {
     const pair = new Int32Array([-1, -1]);
     if (c.socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, pair) < 0) return 0;
@@ -656,8 +691,11 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
     const self = `127.0.0.1:${mine.address.readUInt16BE(2)}`;
 
     const counts = new Int32Array(new SharedArrayBuffer(CTRL_SLOTS * 4));
-    const calm = new PacketPath(aead, mine.io, counts, new BurstMeter(NEVER_A_BURST));
-    const bursting = new PacketPath(aead, mine.io, counts, new BurstMeter(1));
+    channel = new MessageChannel();
+    const commands = new Commands(channel.port2, counts);
+    const calm = new PacketPath(aead, mine.io, commands, counts, new BurstMeter(NEVER_A_BURST));
+    const bursting = new PacketPath(aead, mine.io, commands, counts, new BurstMeter(1));
+    const loop = new Loop(calm, waiter, mine.fd, WARM_UP_WAIT_MS);
     // The sink and the reader close their fds when removed.
     owned.delete(tunFd);
     owned.delete(readerFd);
@@ -679,10 +717,10 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
       sink.source6 = asServer ? WARM_SOURCE6 : null;
       sink.recvFrom = !asServer ? null : variant === TO_MAIN_OPEN ? ANOTHER_PEER : self;
       if (asServer) {
-        sinksBy4.set(WARM_SOURCE, sink);
+        sinksBy4.set(WARM_SOURCE | 0, sink);
         sinksBy6.set(WARM_SOURCE6_KEY, sink);
       } else {
-        sinksBy4.delete(WARM_SOURCE);
+        sinksBy4.delete(WARM_SOURCE | 0);
         sinksBy6.delete(WARM_SOURCE6_KEY);
       }
       sink.send = sending[(done >> 4) & 1]!;
@@ -693,7 +731,12 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
       Atomics.store(warmReader.ctrl, CTRL_READER, READER_MAIN);
       udpOwned = true;
       if ((done & 2) === 0) path.quiet();
-      if (variant === WAKE) wake(data.wakeFd);
+      if (variant === WAKE) {
+        // As main wakes it with a command, on the warm-up's own port: one that changes nothing here.
+        channel.port1.postMessage({ op: 'udp' } satisfies PacketCommand);
+        Atomics.add(counts, CTRL_POSTED, 1);
+        wake(data.wakeFd);
+      }
       if (variant === TO_MAIN_RAW) {
         // From a new socket each time: a sender the path has not heard from before, as a new peer's first datagram is.
         const from = loopbackSocket(own);
@@ -705,6 +748,14 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
       // As the kernel would on a TUN: each packet behind a vnet header (device.ts).
       const packet = variant === TO_MAIN_TUN ? WARM_FRAME_UNROUTED : (done & 4) === 0 ? WARM_FRAME : WARM_FRAME6;
       if (c.write(hostFd, packet, packet.length) !== packet.length) break;
+      if (!burst && variant !== TO_MAIN_TUN && variant !== TO_MAIN_OPEN) {
+        // Through the loop, as real packets go: half the rounds find the thread asleep in poll (a client's way), half still reading after a write (a server's answer).
+        if ((done & 8) === 0) loop.idle();
+        let n = -1;
+        for (let turns = 0; turns < LOOP_TURNS && (n = c.read(hostFd, back, back.length)) < 0 && serve(loop, 1); turns++);
+        if (n !== packet.length || packet.compare(back, 0, packet.length) !== 0) break;
+        continue;
+      }
       if ((waiter.wait(-1, readerFd, WARM_UP_WAIT_MS) & READY_TUN) === 0 || path.readTun() !== 1) break;
       if (variant === TO_MAIN_TUN) continue;
       if ((waiter.wait(mine.fd, -1, WARM_UP_WAIT_MS) & READY_UDP) === 0 || path.receive() !== 1) break;
@@ -714,8 +765,10 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
     }
     return done;
   } finally {
+    channel?.port1.close();
+    channel?.port2.close();
     udpOwned = true;
-    sinksBy4.delete(WARM_SOURCE);
+    sinksBy4.delete(WARM_SOURCE | 0);
     sinksBy6.delete(WARM_SOURCE6_KEY);
     const sink = sinks.get(-1);
     if (sink !== undefined) removeSink(sink);
@@ -754,33 +807,78 @@ async function run(): Promise<void> {
   const aead = withAt(made);
   const udp = udpIoOnFd(data.udpFd);
   if (udp === undefined) throw new Error('direct UDP I/O is not available in this thread');
-  const path = new PacketPath(aead, udp, ctrl, new BurstMeter(TUN_BURST));
+  const commands = new Commands(port, ctrl);
+  const path = new PacketPath(aead, udp, commands, ctrl, new BurstMeter(TUN_BURST));
   if (!path.opensWhatItSeals(AEAD_CHECK_ROUNDS)) throw new Error("this thread's AEAD does not open what it seals");
   const waiter = new Waiter();
   const startedAt = performance.now();
   const rounds = warmUp(aead, waiter, WARM_UP_ROUNDS, WARM_UP_MS);
-  drainPort();
+  commands.drain();
   post({ t: 'ready', warmUp: { rounds, ms: performance.now() - startedAt } });
+  serve(new Loop(path, waiter, data.udpFd, -1), Infinity);
+}
+
+/**
+ * Turn `loop` until the thread stops, `turns` turns are done, or a turn
+ * finds nothing within its wait; false in that last case. The warm-up
+ * calls it a turn at a time, so V8 has optimized it, and the loop in it,
+ * before run() enters it for good.
+ */
+function serve(loop: Loop, turns: number): boolean {
+  for (let i = 0; i < turns && !stopping; i++) if (!loop.turn()) return false;
+  return true;
+}
+
+/**
+ * The thread's loop, a turn at a time. The warm-up turns one of its own
+ * (on its own fds and port), so V8 has optimized the turn, and what it
+ * calls, before the first real packet: a function that only the loop ran
+ * was still in V8's baseline tier after minutes of pings (perf:
+ * bench/FINDINGS.md, "What optimized code still called on a packet's way").
+ */
+class Loop {
   // Each fd is read only when poll said it is readable (or a full batch left more): a lone packet costs no read that finds nothing first.
-  let udpReady = true;
-  let tunReady = true;
-  while (!stopping) {
-    const packets: number = tunReady ? path.readTun() : 0;
-    const datagrams: number = udpReady ? path.receive() : 0;
-    drainPort();
-    if (stopping) break;
+  private udpReady = true;
+  private tunReady = true;
+
+  constructor(
+    private readonly path: PacketPath,
+    private readonly waiter: Waiter,
+    private readonly udpFd: number,
+    /** How long a turn may block in poll(2) (-1: no limit). */
+    private readonly waitMs: number,
+  ) {}
+
+  /** Poll first on the next turn, as after a turn that found nothing. */
+  idle(): void {
+    this.udpReady = false;
+    this.tunReady = false;
+  }
+
+  /**
+   * Block in poll(2) if nothing was left ready, then read what is, and
+   * apply what was posted. False when poll gave up after waitMs with
+   * nothing ready. Poll comes first so that a packet's way from the wake-up
+   * to its read stays in this function.
+   */
+  turn(): boolean {
+    if (!this.udpReady && !this.tunReady) {
+      const tun = reader !== null && Atomics.load(reader.ctrl, CTRL_READER) === READER_MAIN ? reader.io.fd : -1;
+      const ready = this.waiter.wait(udpOwned ? this.udpFd : -1, tun, this.waitMs);
+      if (ready === 0) return false;
+      this.udpReady = (ready & READY_UDP) !== 0;
+      this.tunReady = (ready & READY_TUN) !== 0;
+    }
+    const path = this.path;
+    const packets: number = this.tunReady ? path.readTun() : 0;
+    const datagrams: number = this.udpReady ? path.receive() : 0;
+    path.commands.drain();
     // The kernel often queues a written packet's answer before write(2) returns: read it without a poll first.
     const answerMayWait = path.wroteToTun;
     path.wroteToTun = false;
-    if (datagrams === BATCH || packets === BATCH || answerMayWait) {
-      udpReady = datagrams === BATCH;
-      tunReady = packets === BATCH || answerMayWait;
-      continue;
-    }
-    const tun = reader !== null && Atomics.load(reader.ctrl, CTRL_READER) === READER_MAIN ? reader.io.fd : -1;
-    const ready = waiter.wait(udpOwned ? data.udpFd : -1, tun, -1);
-    udpReady = (ready & READY_UDP) !== 0;
-    tunReady = (ready & READY_TUN) !== 0;
+    this.udpReady = datagrams === BATCH;
+    this.tunReady = packets === BATCH || answerMayWait;
+    return true;
   }
 }
 
@@ -792,6 +890,7 @@ class Waiter {
   private readonly fds = new Uint8Array(24);
   private readonly view = new DataView(this.fds.buffer);
   private readonly scratch = new Uint8Array(8);
+  private readonly c = libc();
 
   /**
    * Block until `udpFd` or `tunFd` is readable (a negative fd is not
@@ -803,7 +902,7 @@ class Waiter {
     watch(v, 0, udpFd);
     watch(v, 8, data.wakeFd);
     watch(v, 16, tunFd);
-    const c = libc();
+    const c = this.c;
     // On an error (EINTR) both are tried: a read that finds nothing is harmless.
     if (c.poll(this.fds, 3, timeoutMs) < 0) return READY_UDP | READY_TUN;
     if ((v.getInt16(14, true) & POLLIN) !== 0) {

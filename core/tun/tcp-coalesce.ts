@@ -24,6 +24,7 @@
  * kernel (VIRTIO_NET_HDR_F_NEEDS_CSUM): the segments' own checksums are not
  * checked, as they came out of an authenticated record from the peer.
  */
+import { u32be } from '../bytes.ts';
 
 /** sizeof(struct virtio_net_hdr): what IFF_VNET_HDR puts before every packet by default. */
 export const VNET_HDR_LEN = 10;
@@ -100,7 +101,7 @@ export class TcpCoalescer {
     const payload = p.length - this.ipHeader - this.tcpHeader;
     const flags = p[this.ipHeader + 13]!;
     this.gsoSize = payload;
-    this.nextSeq = (readU32(p, this.ipHeader + 4) + payload) >>> 0;
+    this.nextSeq = (u32be(p, this.ipHeader + 4) + payload) >>> 0;
     this.open = flags === TCP_ACK;
   }
 
@@ -120,7 +121,7 @@ export class TcpCoalescer {
       return false;
     }
     // Ports; then the ACK number; data offset, flags and window; urgent pointer and options. Not: sequence number, checksum.
-    if (!same(p, out, ip, base + ip, 4) || readU32(p, ip + 4) !== this.nextSeq || !same(p, out, ip + 8, base + ip + 8, 4)) return false;
+    if (!same(p, out, ip, base + ip, 4) || u32be(p, ip + 4) !== this.nextSeq || !same(p, out, ip + 8, base + ip + 8, 4)) return false;
     const flags = p[ip + 13]!;
     if ((flags & ~TCP_PSH) !== TCP_ACK || p[ip + 12] !== out[base + ip + 12] || !same(p, out, ip + 14, base + ip + 14, 2)) return false;
     if (!same(p, out, ip + 18, base + ip + 18, this.tcpHeader - 18)) return false;
@@ -181,10 +182,6 @@ function tcpSegment(p: Uint8Array): number {
   const words = p[ip + 12]! >> 4;
   if (words < 5 || p.length <= ip + words * 4) return 0;
   return (ip << 8) | words;
-}
-
-function readU32(p: Uint8Array, at: number): number {
-  return ((p[at]! << 24) | (p[at + 1]! << 16) | (p[at + 2]! << 8) | p[at + 3]!) >>> 0;
 }
 
 function same(a: Uint8Array, b: Uint8Array, atA: number, atB: number, n: number): boolean {
