@@ -33,7 +33,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { hasTool } from '../test/helpers/netns.ts';
 import { dshieldTun } from './dshield.ts';
@@ -66,7 +66,7 @@ const AGAINST = process.env.DSHIELD_BENCH_GAPS_AGAINST;
 const WANTED = new Set((process.env.DSHIELD_BENCH_GAPS_SYSTEMS ?? 'relay,dshield,openvpn,against').split(',').map((s) => s.trim()));
 const allSystems: Array<[key: string, name: string, spec: () => Promise<SystemSpec>]> = [
   ['relay', 'relay, thread, vnet', async () => relay(CIPHER, ['thread', 'vnet'])],
-  ['dshield', `dshield ${commitOf('.')}`, async () => dshieldTun('udp', CIPHER)],
+  ['dshield', `dshield ${commitOf(fileURLToPath(new URL('..', import.meta.url)))}`, async () => dshieldTun('udp', CIPHER)],
   ['openvpn', 'OpenVPN', async () => (CIPHER === 'aes-256-gcm' ? openvpnAes : openvpnChacha)],
 ];
 if (AGAINST !== undefined) {

@@ -3,10 +3,10 @@
  *
  * Why not Buffer's readUInt32BE and the like: V8's optimized code still
  * looks each of those methods up through an inline cache on every call (a
- * call into V8's LoadIC; perf of the packet thread, bench/FINDINGS.md
- * "What optimized code still called on a packet's way"), where indexed reads of a
- * Uint8Array compile to plain loads. Where a buffer of one's own is read
- * or written at fixed places, a DataView over it does the same job.
+ * call into V8's LoadIC: bench/FINDINGS.md, "What optimized code still
+ * called on a packet's way"), where indexed reads of a Uint8Array compile
+ * to plain loads. Where a buffer of one's own is read or written at fixed
+ * places, a DataView over it does the same job.
  */
 
 /** The unsigned 32-bit big-endian number at `at` (at + 4 <= p.length). */

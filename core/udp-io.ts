@@ -240,7 +240,12 @@ class FdUdpIo implements UdpIo {
   private readonly sockaddrLength = new Uint32Array(1);
   private readonly texts = new Map<number, string>();
   private last = '';
-  /** The sender of the last datagram as one number (see receive; NaN: none yet, and a double from the first, so V8 never changes how the field is stored). */
+  /**
+   * The last datagram's sender as one number (see receive). NaN until the
+   * first: a double from the start, as every sender's number is, so V8
+   * never has to change how the field is stored (and throw away the code
+   * that reads it).
+   */
   private lastKey = NaN;
   /** sockaddr for the numbers in it (not Buffer's methods: bytes.ts). */
   private readonly sockaddrView = new DataView(this.sockaddr.buffer, this.sockaddr.byteOffset, SOCKADDR_IN_SIZE);

@@ -751,8 +751,8 @@ function warmUp(aead: InPlaceAead, waiter: Waiter, rounds: number, ms: number): 
       if (!burst && variant !== TO_MAIN_TUN && variant !== TO_MAIN_OPEN) {
         // Through the loop, as real packets go: half the rounds find the thread asleep in poll (a client's way), half still reading after a write (a server's answer).
         if ((done & 8) === 0) loop.idle();
-        let n = -1;
-        for (let turns = 0; turns < LOOP_TURNS && (n = c.read(hostFd, back, back.length)) < 0 && serve(loop, 1); turns++);
+        let n = c.read(hostFd, back, back.length);
+        for (let turns = 0; n < 0 && turns < LOOP_TURNS && serve(loop, 1); turns++) n = c.read(hostFd, back, back.length);
         if (n !== packet.length || packet.compare(back, 0, packet.length) !== 0) break;
         continue;
       }
