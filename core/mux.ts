@@ -103,10 +103,22 @@ export interface PayloadSink {
 
 /** MuxOptions.send and .payloadBuffer for a session: sealing in place (no copies) when it can. */
 export function sendThrough(sink: PayloadSink): Pick<MuxOptions, 'send' | 'payloadBuffer'> {
+  // Methods, not arrow properties: tsx names each arrow property, a defineProperty per session.
   if (sink.sendInPlace !== undefined && sink.payloadBuffer !== undefined) {
-    return { send: (payload) => sink.sendInPlace!(payload), payloadBuffer: () => sink.payloadBuffer!() };
+    return {
+      send(payload) {
+        return sink.sendInPlace!(payload);
+      },
+      payloadBuffer() {
+        return sink.payloadBuffer!();
+      },
+    };
   }
-  return { send: (payload) => sink.send(payload) };
+  return {
+    send(payload) {
+      return sink.send(payload);
+    },
+  };
 }
 
 export interface MuxOptions {
@@ -606,7 +618,16 @@ export class Mux {
     // Room left beside such a packet is less than a frame with the smallest IP packet (20 bytes).
     this.soloPacket = this.lossy ? this.maxPayload - 2 * FRAME_HEADER - 20 : Infinity;
     this.packetFlushAt = Math.min(MAX_PACKET_QUEUE / 2, PACKET_FLUSH_PAYLOADS * this.maxPayload);
+    // Assigned here, not as arrow fields: tsx names every arrow field of every instance (a defineProperty each).
+    this.grantTask = () => this.runGrantChecks();
+    this.flushTask = () => this.runScheduledFlush();
+    this.tailsTask = () => this.runTails();
   }
+
+  /** The scheduled work, made once per mux so that scheduling it allocates nothing. */
+  private readonly grantTask: () => void;
+  private readonly flushTask: () => void;
+  private readonly tailsTask: () => void;
 
   // Made when the first stream or association needs them: a session that carries only packets
   // (TUN) or ends at the handshake (a probe, a reconnect storm) is spared the closures.
@@ -1315,11 +1336,11 @@ export class Mux {
     queueMicrotask(this.grantTask);
   }
 
-  private readonly grantTask = (): void => {
+  private runGrantChecks(): void {
     this.grantCheckScheduled = false;
     for (const s of this.grantChecks) this.grantCredit(s, true);
     this.grantChecks.clear();
-  };
+  }
 
   private streamWrite(s: MuxStream, chunks: Buffer[], bytes: number, cb: WriteCallback): void {
     if (!Mux.sends(s) || this.closed) {
@@ -1506,10 +1527,10 @@ export class Mux {
     queueMicrotask(this.flushTask);
   }
 
-  private readonly flushTask = (): void => {
+  private runScheduledFlush(): void {
     this.flushScheduled = false;
     if (!this.flushing) this.flush();
-  };
+  }
 
   /** Send payloads until there is nothing left (but tails that may wait) or the session says stop. */
   private flush(): void {
@@ -1569,7 +1590,7 @@ export class Mux {
     setImmediate(this.tailsTask);
   }
 
-  private readonly tailsTask = (): void => {
+  private runTails(): void {
     this.tailsScheduled = false;
     if (this.closed || this.flushing) return;
     this.tailsDue = true;
@@ -1578,7 +1599,7 @@ export class Mux {
     } finally {
       this.tailsDue = false;
     }
-  };
+  }
 
   /** Hands one payload to the session. False when send threw and the mux closed. */
   private sendPayload(payload: Buffer): boolean {

@@ -13,7 +13,7 @@
  * continue from a half-updated state by mistake.
  */
 import { createHash, createHmac } from 'node:crypto';
-import { BLAKE2S_LENGTH, blake2s, HmacBlake2s } from './blake2s.ts';
+import { BLAKE2S_LENGTH, blake2s, hkdfBlake2s } from './blake2s.ts';
 import { DshieldError, ErrorCodes } from './errors.ts';
 import type { CipherPlugin, NoiseHash } from './types.ts';
 import { dh as x25519, ephemeralFromPrivate, generateEphemeral, type EphemeralKey, type KeyPair, KEY_LENGTH } from './x25519.ts';
@@ -23,29 +23,24 @@ export type HashName = NoiseHash;
 export const HASH_NAMES: readonly HashName[] = ['BLAKE2s', 'SHA256', 'BLAKE2b', 'SHA512'];
 export type HandshakePattern = 'IK' | 'IKpsk2';
 
-/** HMAC with one key, for one or more messages. */
-interface Mac {
-  mac(a: Uint8Array, b?: Uint8Array): Buffer;
-}
-
-/** What Noise needs of its hash function: HASH over one or two parts, HMAC, HASHLEN. */
+/** What Noise needs of its hash function: HASH over one or two parts, its HKDF, HASHLEN. */
 interface HashSuite {
   readonly length: number;
   hash(a: Uint8Array, b?: Uint8Array): Buffer;
-  macKey(key: Uint8Array): Mac;
+  /**
+   * HKDF(chainingKey, ikm) as Noise defines it (HMAC-based): `outputs` ×
+   * HASHLEN bytes in one new Buffer, output i at [i × HASHLEN, (i + 1) × HASHLEN).
+   */
+  hkdf(chainingKey: Uint8Array, ikm: Uint8Array, outputs: 2 | 3): Buffer;
 }
 
 /** A hash from node:crypto (an object per call, ~2-4 µs each at handshake sizes). */
 function nodeSuite(name: string, length: number): HashSuite {
-  class NodeMac implements Mac {
-    constructor(private readonly key: Uint8Array) {}
-
-    mac(a: Uint8Array, b?: Uint8Array): Buffer {
-      const m = createHmac(name, this.key).update(a);
-      if (b !== undefined) m.update(b);
-      return m.digest();
-    }
-  }
+  const hmac = (key: Uint8Array, a: Uint8Array, b?: Uint8Array): Buffer => {
+    const m = createHmac(name, key).update(a);
+    if (b !== undefined) m.update(b);
+    return m.digest();
+  };
   return {
     length,
     hash(a, b) {
@@ -53,7 +48,12 @@ function nodeSuite(name: string, length: number): HashSuite {
       if (b !== undefined) h.update(b);
       return h.digest();
     },
-    macKey: (key) => new NodeMac(key),
+    hkdf(chainingKey, ikm, outputs) {
+      const temp = hmac(chainingKey, ikm);
+      const out1 = hmac(temp, ONE);
+      const out2 = hmac(temp, out1, TWO);
+      return Buffer.concat(outputs === 2 ? [out1, out2] : [out1, out2, hmac(temp, out2, THREE)]);
+    },
   };
 }
 
@@ -62,7 +62,7 @@ function nodeSuite(name: string, length: number): HashSuite {
  * node:crypto's per-call set-up costs several times the hashing itself.
  */
 const HASH_SUITES: Record<HashName, HashSuite> = {
-  BLAKE2s: { length: BLAKE2S_LENGTH, hash: blake2s, macKey: (key) => new HmacBlake2s(key) },
+  BLAKE2s: { length: BLAKE2S_LENGTH, hash: blake2s, hkdf: hkdfBlake2s },
   SHA256: nodeSuite('sha256', 32),
   BLAKE2b: nodeSuite('blake2b512', 64),
   SHA512: nodeSuite('sha512', 64),
@@ -215,19 +215,11 @@ export class SymmetricState {
     return { chainingKey: this.chainingKey, hashValue: this.hashValue };
   }
 
-  /** HKDF as Noise defines it (HMAC-based, 2 or 3 outputs of HASHLEN bytes). */
-  private hkdf(ikm: Uint8Array, outputs: 2 | 3): Buffer[] {
-    const temp = this.suite.macKey(this.suite.macKey(this.chainingKey).mac(ikm));
-    const out1 = temp.mac(ONE);
-    const out2 = temp.mac(out1, TWO);
-    if (outputs === 2) return [out1, out2];
-    return [out1, out2, temp.mac(out2, THREE)];
-  }
-
   mixKey(ikm: Uint8Array): void {
-    const [ck, tempK] = this.hkdf(ikm, 2);
-    this.chainingKey = ck!;
-    this.cipherState = new CipherState(this.cipher, tempK!.subarray(0, 32));
+    const out = this.suite.hkdf(this.chainingKey, ikm, 2);
+    const n = this.suite.length;
+    this.chainingKey = out.subarray(0, n);
+    this.cipherState = new CipherState(this.cipher, out.subarray(n, n + 32));
   }
 
   mixHash(data: Uint8Array): void {
@@ -235,10 +227,11 @@ export class SymmetricState {
   }
 
   mixKeyAndHash(ikm: Uint8Array): void {
-    const [ck, tempH, tempK] = this.hkdf(ikm, 3);
-    this.chainingKey = ck!;
-    this.mixHash(tempH!);
-    this.cipherState = new CipherState(this.cipher, tempK!.subarray(0, 32));
+    const out = this.suite.hkdf(this.chainingKey, ikm, 3);
+    const n = this.suite.length;
+    this.chainingKey = out.subarray(0, n);
+    this.mixHash(out.subarray(n, 2 * n));
+    this.cipherState = new CipherState(this.cipher, out.subarray(2 * n, 2 * n + 32));
   }
 
   handshakeHash(): Buffer {
@@ -265,8 +258,9 @@ export class SymmetricState {
 
   /** The two transport CipherStates: [initiator -> responder, responder -> initiator]. */
   split(): [CipherState, CipherState] {
-    const [k1, k2] = this.hkdf(EMPTY, 2);
-    return [new CipherState(this.cipher, k1!.subarray(0, 32)), new CipherState(this.cipher, k2!.subarray(0, 32))];
+    const out = this.suite.hkdf(this.chainingKey, EMPTY, 2);
+    const n = this.suite.length;
+    return [new CipherState(this.cipher, out.subarray(0, 32)), new CipherState(this.cipher, out.subarray(n, n + 32))];
   }
 }
 
@@ -458,22 +452,19 @@ export class HandshakeState {
     try {
       if (message.length > MAX_MESSAGE_LENGTH) throw new NoiseError('handshake message too long');
       let offset = 0;
-      const take = (n: number): Buffer => {
-        if (message.length - offset < n) throw new NoiseError('handshake message too short');
-        const piece = Buffer.from(message.subarray(offset, offset + n));
-        offset += n;
-        return piece;
-      };
       for (const token of tokens) {
         switch (token) {
           case 'e': {
-            this.remoteEphemeral = take(KEY_LENGTH);
+            this.remoteEphemeral = pieceOf(message, offset, KEY_LENGTH);
+            offset += KEY_LENGTH;
             this.symmetric.mixHash(this.remoteEphemeral);
             if (this.usesPsk) this.symmetric.mixKey(this.remoteEphemeral);
             break;
           }
           case 's': {
-            const sealed = take(KEY_LENGTH + (this.symmetric.hasKey() ? TAG_LENGTH : 0));
+            const length = KEY_LENGTH + (this.symmetric.hasKey() ? TAG_LENGTH : 0);
+            const sealed = pieceOf(message, offset, length);
+            offset += length;
             this.remoteStatic = this.symmetric.decryptAndHash(sealed);
             break;
           }
@@ -538,6 +529,36 @@ function fail(why: string): never {
   throw new NoiseError(why);
 }
 
+/** A copy of message[offset, offset + length); throws NoiseError when the message ends first. */
+function pieceOf(message: Uint8Array, offset: number, length: number): Buffer {
+  if (message.length - offset < length) throw new NoiseError('handshake message too short');
+  return Buffer.from(message.subarray(offset, offset + length));
+}
+
+/**
+ * The DH function readInitiation's trial states share: DH(our static key,
+ * public key) is made once per public key and kept in `withStatic`.
+ * Returned as an unnamed arrow: tsx names every closure bound to a name,
+ * which costs a defineProperty per handshake.
+ */
+function sharingStaticDh(
+  ourStatic: Uint8Array,
+  withStatic: Map<string, Buffer>,
+  known: ((publicKey: Uint8Array) => Buffer | undefined) | undefined,
+): DhFunction {
+  return (priv, pub) => {
+    // The states made here pass our static key by reference: a DH with any other key is not ours to share.
+    if (priv !== ourStatic) return x25519(priv, pub);
+    const id = Buffer.from(pub.buffer, pub.byteOffset, pub.byteLength).toString('base64');
+    let out = withStatic.get(id);
+    if (out === undefined) {
+      out = known?.(pub) ?? x25519(priv, pub);
+      withStatic.set(id, out);
+    }
+    return out;
+  };
+}
+
 /**
  * Responder: read message 1 when the initiator may have used either of
  * `patterns` (the pattern is part of the protocol name, so the server cannot
@@ -556,20 +577,9 @@ export function readInitiation(
   patterns: readonly HandshakePattern[],
   known?: (publicKey: Uint8Array) => Buffer | undefined,
 ): { state: HandshakeState; payload: Buffer; staticShared: Buffer } {
-  const ourStatic = opts.staticKey.privateKey;
   /** DH(our static key, public key) by public key (base64). */
   const withStatic = new Map<string, Buffer>();
-  const sharedDh: DhFunction = (priv, pub) => {
-    // The states made here pass our static key by reference: a DH with any other key is not ours to share.
-    if (priv !== ourStatic) return x25519(priv, pub);
-    const id = Buffer.from(pub.buffer, pub.byteOffset, pub.byteLength).toString('base64');
-    let out = withStatic.get(id);
-    if (out === undefined) {
-      out = known?.(pub) ?? x25519(priv, pub);
-      withStatic.set(id, out);
-    }
-    return out;
-  };
+  const sharedDh = sharingStaticDh(opts.staticKey.privateKey, withStatic, known);
   // Made only when every trial failed: an Error captures a stack trace, which is not free per handshake.
   let lastError: unknown;
   for (const pattern of patterns) {

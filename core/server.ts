@@ -112,10 +112,15 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
     });
     const entry = live.add({ session, mux });
     events.emit('session:up', { side: 'server', client: peer.name, remote: session.remoteAddress });
+    // Methods, not arrow properties: tsx names each arrow property, a defineProperty per session.
     session.start({
-      message: (payload) => mux.receive(payload),
-      drain: () => mux.drain(),
-      close: (err) => {
+      message(payload) {
+        mux.receive(payload);
+      },
+      drain() {
+        mux.drain();
+      },
+      close(err) {
         live.remove(entry);
         packets?.detach();
         mux.close(err);
@@ -160,7 +165,9 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
           }
           acceptSession(link, {
             ...handshake,
-            onRefused: (reason) => events.emit('session:refused', { remote: link.remoteAddress, reason }),
+            onRefused(reason) {
+              events.emit('session:refused', { remote: link.remoteAddress, reason });
+            },
           });
         }))();
   let listener: TransportListener;

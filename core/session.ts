@@ -39,7 +39,7 @@ import {
 } from './handshake.ts';
 import { NoiseError, type CipherState, type HandshakePattern, type HandshakeState, type HashName, type TransportKeys } from './noise.ts';
 import { ReplayGuard } from './replay.ts';
-import type { AuthPlugin, CipherPlugin, ClientIdentity, Link, Logger, TunOffload } from './types.ts';
+import type { AuthPlugin, CipherPlugin, ClientIdentity, Link, LinkHandlers, Logger, TunOffload } from './types.ts';
 import type { KeyPair } from './x25519.ts';
 
 export type { HashName } from './noise.ts';
@@ -757,38 +757,95 @@ export function connectSession(link: Link, opts: ClientHandshakeOptions): Promis
  * call, destroys the link and calls opts.onRefused once. Never throws.
  */
 export function acceptSession(link: Link, opts: ServerAcceptOptions): void {
-  const ctx: ResponderContext = { cipher: opts.cipher, hash: opts.hash, staticKey: opts.staticKey, auth: opts.auth, replay: opts.replay };
-  let phase: 'waiting' | 'silenced' | 'up' | 'gone' = 'waiting';
-  let session: SecureSession | null = null;
-
-  const refuse = (reason: string): void => {
-    phase = 'silenced';
-    opts.log.debug('handshake refused', { remote: link.remoteAddress, reason });
-    try {
-      opts.onRefused(reason);
-    } catch (err) {
-      opts.log.error('onRefused threw', { error: err instanceof Error ? err.message : String(err) });
-    }
-  };
-
   if (link.type !== 'stream') {
     link.destroy();
-    refuse('datagram links are not supported yet');
+    new ServerHandshake(link, opts).refuse('datagram links are not supported yet');
     return;
   }
+  link.start(new ServerHandshake(link, opts).armed());
+}
 
-  const timer = setTimeout(() => {
-    if (phase === 'waiting') refuse('timeout');
-    if (phase === 'silenced') {
-      phase = 'gone';
-      link.destroy();
+/**
+ * acceptSession's state for one link, and the link's handlers until and
+ * after the handshake. A class, not closures: tsx names every closure bound
+ * to a name (a defineProperty each), and a server makes these per handshake.
+ */
+class ServerHandshake implements LinkHandlers {
+  private readonly ctx: ResponderContext;
+  private phase: 'waiting' | 'silenced' | 'up' | 'gone' = 'waiting';
+  private session: SecureSession | null = null;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly link: Link,
+    private readonly opts: ServerAcceptOptions,
+  ) {
+    this.ctx = { cipher: opts.cipher, hash: opts.hash, staticKey: opts.staticKey, auth: opts.auth, replay: opts.replay };
+  }
+
+  /** Starts the handshake timeout; returns this, the link's handlers. */
+  armed(): this {
+    this.timer = setTimeout(() => this.onTimeout(), this.opts.handshakeTimeoutMs);
+    return this;
+  }
+
+  refuse(reason: string): void {
+    this.phase = 'silenced';
+    this.opts.log.debug('handshake refused', { remote: this.link.remoteAddress, reason });
+    try {
+      this.opts.onRefused(reason);
+    } catch (err) {
+      this.opts.log.error('onRefused threw', { error: err instanceof Error ? err.message : String(err) });
     }
-  }, opts.handshakeTimeoutMs);
+  }
 
-  const answer = (record: Buffer): void => {
+  private onTimeout(): void {
+    if (this.phase === 'waiting') this.refuse('timeout');
+    if (this.phase === 'silenced') {
+      this.phase = 'gone';
+      this.link.destroy();
+    }
+  }
+
+  record(record: Buffer): void {
+    if (this.phase === 'up') {
+      this.session!.onRecord(record);
+      return;
+    }
+    if (this.phase !== 'waiting') return; // silenced: read and discard, keep nothing
+    try {
+      this.answer(record);
+    } catch (err) {
+      // A bug (in a plugin or here) must not crash the server or reveal anything to the peer.
+      const message = err instanceof Error ? err.message : String(err);
+      if (this.phase === 'waiting') {
+        this.refuse(`internal error: ${message}`);
+      } else {
+        // onSession threw: nobody owns the session, so it must not linger.
+        this.opts.log.error('session setup failed', { error: message });
+        this.session?.destroy(err instanceof Error ? err : new Error(message));
+      }
+    }
+  }
+
+  drain(): void {
+    this.session?.onDrain();
+  }
+
+  close(err?: Error): void {
+    if (this.phase === 'up') {
+      this.session!.onLinkClose(err);
+      return;
+    }
+    this.phase = 'gone';
+    clearTimeout(this.timer);
+  }
+
+  private answer(record: Buffer): void {
+    const { link, opts, ctx } = this;
     const init = checkInitiation(ctx, record);
     if (!init.ok) {
-      refuse(init.reason);
+      this.refuse(init.reason);
       return;
     }
     let response: Record<string, unknown>;
@@ -797,19 +854,19 @@ export function acceptSession(link: Link, opts: ServerAcceptOptions): void {
       response = opts.respond(init.identity, init.json);
       message2 = init.state.writeMessage(jsonBytes(response));
     } catch (err) {
-      refuse(`refused: ${err instanceof Error ? err.message : String(err)}`);
+      this.refuse(`refused: ${err instanceof Error ? err.message : String(err)}`);
       return;
     }
     if (message2.length > link.maxRecordSize) {
-      refuse('refused: the response parameters do not fit in one record');
+      this.refuse('refused: the response parameters do not fit in one record');
       return;
     }
     const keys = init.state.split();
     const clientKey = init.clientKey;
-    phase = 'up';
-    clearTimeout(timer);
+    this.phase = 'up';
+    clearTimeout(this.timer);
     link.send(message2);
-    session = new SecureSession({
+    const session = new SecureSession({
       side: 'server',
       link,
       keys,
@@ -819,7 +876,7 @@ export function acceptSession(link: Link, opts: ServerAcceptOptions): void {
       rekeyAfterMs: opts.rekeyAfterMs ?? DEFAULT_REKEY_AFTER_MS,
       rejectAfterMs: rejectAfter(opts),
       role: {
-        answer: (rekeyMessage1) => {
+        answer(rekeyMessage1) {
           const again = checkInitiation(ctx, rekeyMessage1, clientKey);
           if (!again.ok) throw protocolError(`rekey refused: ${again.reason}`);
           return { message2: again.state.writeMessage(jsonBytes({})), keys: again.state.split() };
@@ -828,41 +885,8 @@ export function acceptSession(link: Link, opts: ServerAcceptOptions): void {
       bytesIn: record.length,
       bytesOut: message2.length,
     });
+    this.session = session;
     opts.log.debug('handshake complete', { remote: link.remoteAddress, client: init.identity.name, pattern: init.state.pattern });
     opts.onSession(session);
-  };
-
-  link.start({
-    record(record) {
-      if (phase === 'up') {
-        session!.onRecord(record);
-        return;
-      }
-      if (phase !== 'waiting') return; // silenced: read and discard, keep nothing
-      try {
-        answer(record);
-      } catch (err) {
-        // A bug (in a plugin or here) must not crash the server or reveal anything to the peer.
-        const message = err instanceof Error ? err.message : String(err);
-        if (phase === 'waiting') {
-          refuse(`internal error: ${message}`);
-        } else {
-          // onSession threw: nobody owns the session, so it must not linger.
-          opts.log.error('session setup failed', { error: message });
-          session?.destroy(err instanceof Error ? err : new Error(message));
-        }
-      }
-    },
-    drain() {
-      session?.onDrain();
-    },
-    close(err) {
-      if (phase === 'up') {
-        session!.onLinkClose(err);
-        return;
-      }
-      phase = 'gone';
-      clearTimeout(timer);
-    },
-  });
+  }
 }
