@@ -110,7 +110,7 @@ function compress(h: Uint32Array, block: Uint8Array, off: number, t: number, las
 const START = IV.slice();
 START[0] ^= 0x01010000 | BLAKE2S_LENGTH;
 
-// Scratch for run(): the chaining value and the block being filled.
+// Scratch for runInto(): the chaining value and the block being filled.
 const h = new Uint32Array(8);
 const block = new Uint8Array(BLOCK);
 const EMPTY = new Uint8Array(0);
@@ -222,8 +222,11 @@ function mac(key: Uint8Array, a: Uint8Array, b: Uint8Array, out: Uint8Array, o: 
   runInto(keyStates, 8, BLOCK, inner, EMPTY, out, o); // the inner digest always follows the opad block
 }
 
-/** The key material the scratch held, so none of it outlives the call. */
+/** The key material the scratch held (pads, states, the blocks last hashed), so none of it outlives the call. */
 function wipe(): void {
+  m.fill(0);
+  h.fill(0);
+  block.fill(0);
   pad.fill(0);
   keyStates.fill(0);
   hashedKey.fill(0);
