@@ -30,7 +30,7 @@
  * first. So an outbound plugin can return one to any consumer (the outbound
  * contract is a plain Duplex), and the server's splice takes the pooled path.
  */
-import { connect, type NetConnectOpts, type Socket } from 'node:net';
+import { connect, type TcpNetConnectOpts, type Socket } from 'node:net';
 import { reopenWithOnread } from './reopen-socket.ts';
 import type { Duplex } from 'node:stream';
 
@@ -53,9 +53,10 @@ let made = 0;
 const readers = new WeakMap<Duplex, PooledReader>();
 
 /** net.connect with pooled reads: an ordinary socket until attachPooledSink gives its data a sink (then no more 'data' events). */
-export function connectPooled(options: NetConnectOpts): Socket {
+export function connectPooled(options: Omit<TcpNetConnectOpts, 'onread'>): Socket {
   const reader = new PooledReader();
-  const socket = connect({ ...options, onread: { buffer: reader.nextBuffer, callback: reader.onRead } });
+  // onread first: V8 (Node 20) takes a slow path of ~1-2 µs for `{ ...options, more }`, not for `{ more, ...options }`.
+  const socket = connect({ onread: { buffer: reader.nextBuffer, callback: reader.onRead }, ...options });
   reader.socket = socket;
   readers.set(socket, reader);
   return socket;

@@ -152,9 +152,10 @@ export interface ServerAcceptOptions {
   /**
    * For logging, at most once per link: 'bad handshake' | 'unknown client key' |
    * 'psk mismatch' | 'replayed initiation' | 'refused: <why>' | 'timeout' (nothing
-   * arrived in time). A link the peer closes without sending a record is not reported.
+   * arrived in time), and the link's remote address. A link the peer closes
+   * without sending a record is not reported.
    */
-  onRefused(reason: string): void;
+  onRefused(reason: string, remote: string): void;
   rekeyAfterMs?: number;
   rejectAfterMs?: number;
 }
@@ -793,7 +794,7 @@ class ServerHandshake implements LinkHandlers {
     this.phase = 'silenced';
     this.opts.log.debug('handshake refused', { remote: this.link.remoteAddress, reason });
     try {
-      this.opts.onRefused(reason);
+      this.opts.onRefused(reason, this.link.remoteAddress);
     } catch (err) {
       this.opts.log.error('onRefused threw', { error: err instanceof Error ? err.message : String(err) });
     }

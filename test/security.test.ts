@@ -112,6 +112,8 @@ test('unknown client key: the server sends nothing at all', async () => {
     assert.match(client.output(), /DSHIELD_ERR_HANDSHAKE_TIMEOUT/);
     assert.ok(relay.total().toServer > 0, 'the client did send its initiation');
     assert.is(relay.total().toClient, 0, 'the server answered an unknown client');
+    // The refusal is reported (at debug) with the address it came from: the relay's, on loopback.
+    await s.server.waitFor(/silenced a connection from 127\.0\.0\.1:\d+: unknown client key/, 5000);
   } finally {
     await s.server.stop();
     s.cleanup();

@@ -85,12 +85,14 @@ function world(psk?: Buffer): World {
 interface Accepted {
   sessions: Session[];
   refused: string[];
+  /** The remote address each refusal named. */
+  refusedFrom: string[];
   firstSession: Promise<Session>;
   firstRefusal: Promise<string>;
 }
 
 function serve(w: World, link: Link, over: Partial<ServerAcceptOptions> = {}, cipher = chacha): Accepted {
-  const out = { sessions: [] as Session[], refused: [] as string[] } as Accepted;
+  const out = { sessions: [] as Session[], refused: [] as string[], refusedFrom: [] as string[] } as Accepted;
   let gotSession!: (s: Session) => void;
   let gotRefusal!: (r: string) => void;
   out.firstSession = new Promise((r) => (gotSession = r));
@@ -108,8 +110,9 @@ function serve(w: World, link: Link, over: Partial<ServerAcceptOptions> = {}, ci
       out.sessions.push(s);
       gotSession(s);
     },
-    onRefused: (reason) => {
+    onRefused: (reason, remote) => {
       out.refused.push(reason);
+      out.refusedFrom.push(remote);
       gotRefusal(reason);
     },
     ...over,
@@ -303,6 +306,7 @@ test('unknown client key: the server sends 0 bytes and drops the link after the 
   assert.match(err.message, /man in the middle/);
   assert.is(b.sent.bytes, 0, 'the server said nothing');
   assert.equal(accepted.refused, ['unknown client key']);
+  assert.equal(accepted.refusedFrom, [b.remoteAddress], 'the refusal names the link it came from');
   assert.is(w.replay.size, 0, 'nothing recorded for an unauthorized key');
 });
 
