@@ -772,7 +772,6 @@ export function acceptSession(link: Link, opts: ServerAcceptOptions): void {
  * to a name (a defineProperty each), and a server makes these per handshake.
  */
 class ServerHandshake implements LinkHandlers {
-  private readonly ctx: ResponderContext;
   private phase: 'waiting' | 'silenced' | 'up' | 'gone' = 'waiting';
   private session: SecureSession | null = null;
   private timer: NodeJS.Timeout | undefined;
@@ -780,9 +779,7 @@ class ServerHandshake implements LinkHandlers {
   constructor(
     private readonly link: Link,
     private readonly opts: ServerAcceptOptions,
-  ) {
-    this.ctx = { cipher: opts.cipher, hash: opts.hash, staticKey: opts.staticKey, auth: opts.auth, replay: opts.replay };
-  }
+  ) {}
 
   /** Starts the handshake timeout; returns this, the link's handlers. */
   armed(): this {
@@ -843,7 +840,9 @@ class ServerHandshake implements LinkHandlers {
   }
 
   private answer(record: Buffer): void {
-    const { link, opts, ctx } = this;
+    // The options are the responder's context as they are: a server shares one object across its connections.
+    const { link, opts } = this;
+    const ctx: ResponderContext = opts;
     const init = checkInitiation(ctx, record);
     if (!init.ok) {
       this.refuse(init.reason);
