@@ -6,7 +6,9 @@
  *
  * Why not node:crypto: at those sizes its cost is the call, not the hash.
  * createHmac + update + digest takes ~3.3 µs and createHash ~2.3 µs (Intel
- * VM), while one 64-byte block of BLAKE2s costs ~0.2-0.6 µs in JavaScript.
+ * VM), while one 64-byte block of BLAKE2s costs ~0.2-0.6 µs in JavaScript;
+ * hkdfSync('blake2s256', ...) gives Noise's HKDF byte for byte but took
+ * 17-24 µs a call on the EPYC VM, against 4-8 µs for hkdfBlake2s.
  * An HKDF hashes the (key XOR pad) blocks of its temporary key once for all
  * its outputs, so each further output costs two blocks, and it works in
  * module scratch (wiped before it returns) with its result as its only
