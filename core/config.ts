@@ -148,6 +148,7 @@ type LeafType =
   | 'key'
   | 'path'
   | 'ms'
+  | 'perSecond'
   | 'clients'
   | 'cidrs'
   | 'proxy'
@@ -184,6 +185,8 @@ const SCHEMA = {
     clients: leaf('clients'),
     egress: { allow: leaf('cidrs') } satisfies Required2<NonNullable<NonNullable<UserConfig['server']>['egress']>>,
     handshakeTimeout: leaf('ms'),
+    handshakesPerSecond: leaf('perSecond'),
+    handshakesPerSource: leaf('perSecond'),
     clientsFile: leaf('path'),
     publicAddress: leaf('publicAddress'),
     outbound: leaf('plugin'),
@@ -215,6 +218,8 @@ const DEFAULTS = {
     clients: [],
     egress: { allow: [] },
     handshakeTimeout: 15_000,
+    handshakesPerSecond: 1000,
+    handshakesPerSource: 20,
     clientsFile: 'keys/clients.json',
     publicAddress: '',
     outbound: 'direct',
@@ -674,6 +679,12 @@ function normalizeLeaf(spec: LeafSpec, value: unknown, text: string | undefined)
       }
       return value;
     }
+    case 'perSecond': {
+      if (typeof value !== 'number' || !Number.isInteger(value) || value <= 0 || value > MAX_PER_SECOND) {
+        throw new Problem(`expected a whole number per second (1 to ${MAX_PER_SECOND}), got ${describe(value)}`);
+      }
+      return value;
+    }
     case 'clients':
       return normalizeClients(value);
     case 'cidrs': {
@@ -855,6 +866,8 @@ function normalizeServerTun(value: unknown): ServerTunConfig | false {
 const HASHES = ['BLAKE2s', 'SHA256', 'BLAKE2b', 'SHA512'] as const;
 /** setTimeout's limit: a longer delay fires at once. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** A rate above this is no limit at all (a million X25519s a second is more than a machine does). */
+const MAX_PER_SECOND = 1_000_000;
 
 function normalizePluginRef(value: unknown, text: string | undefined): ResolvedPluginRef {
   if (typeof value === 'string' && value.trim() !== '') return { use: value.trim(), options: {} };

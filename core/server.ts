@@ -163,7 +163,11 @@ export async function startServer(rt: Runtime, opts: ServerOptions = {}): Promis
   // A datagram transport binds one endpoint for every client; its sessions are demultiplexed by index.
   const listening = (async (): Promise<TransportListener> =>
     transport.type === 'datagram'
-      ? acceptDatagramSessions(await transport.bind(address), handshake)
+      ? acceptDatagramSessions(await transport.bind(address), {
+          ...handshake,
+          handshakesPerSecond: config.server.handshakesPerSecond,
+          handshakesPerSource: config.server.handshakesPerSource,
+        })
       : await transport.listen(address, (link) => {
           if (!accepting) {
             link.destroy();

@@ -139,7 +139,7 @@ const PRESTART_QUEUE_LIMIT = 1 << 20;
 const DEFAULT_MAX_HALF_OPEN = 1024;
 const HALF_OPEN_PER_CLIENT = 8;
 const DEFAULT_HANDSHAKES_PER_SECOND = 1000;
-const HANDSHAKES_PER_SOURCE_PER_SECOND = 20;
+const DEFAULT_HANDSHAKES_PER_SOURCE = 20;
 /** Sources tracked by the per-source limiter before it starts over (bounded memory). */
 const MAX_TRACKED_SOURCES = 4096;
 /** Refusals reported (onRefused) per second at most: garbage must not flood the logs. */
@@ -1168,6 +1168,8 @@ export interface DatagramAcceptOptions extends Omit<ServerAcceptOptions, 'onRefu
   maxHalfOpen?: number;
   /** Initiations examined per second, all sources together (default 1000); each costs a DH. */
   handshakesPerSecond?: number;
+  /** Initiations examined per second from one source IP (default 20), in bursts of up to twice that. */
+  handshakesPerSource?: number;
 }
 
 /** The server side of an endpoint. close() stops answering initiations; the endpoint closes once no session is left. */
@@ -1236,6 +1238,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
   const maxHalfOpen = opts.maxHalfOpen ?? DEFAULT_MAX_HALF_OPEN;
   const handshakesPerSecond = opts.handshakesPerSecond ?? DEFAULT_HANDSHAKES_PER_SECOND;
   const allHandshakes = new Bucket(handshakesPerSecond, handshakesPerSecond);
+  const handshakesPerSource = opts.handshakesPerSource ?? DEFAULT_HANDSHAKES_PER_SOURCE;
   const perSource = new Map<string, Bucket>();
   const reports = new Bucket(REFUSALS_REPORTED_PER_SECOND, REFUSALS_REPORTED_PER_SECOND);
   let unreported = 0;
@@ -1280,7 +1283,7 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
     let bucket = perSource.get(ip);
     if (bucket === undefined) {
       if (perSource.size >= MAX_TRACKED_SOURCES) perSource.clear();
-      bucket = new Bucket(HANDSHAKES_PER_SOURCE_PER_SECOND, 2 * HANDSHAKES_PER_SOURCE_PER_SECOND);
+      bucket = new Bucket(handshakesPerSource, 2 * handshakesPerSource);
       perSource.set(ip, bucket);
     }
     return !bucket.take(now) || !allHandshakes.take(now);

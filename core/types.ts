@@ -553,6 +553,16 @@ export interface UserConfig {
     egress?: { allow?: string[] };
     /** Milliseconds a connection that fails to authenticate is read and discarded before it is closed. */
     handshakeTimeout?: number;
+    /**
+     * Over a datagram transport (udp): handshake initiations examined per
+     * second, all sources together (default 1000). Each costs an X25519
+     * before the server knows who sent it, so this bounds what a flood of
+     * forged initiations can take; authentic ones beyond it are answered
+     * when the client resends.
+     */
+    handshakesPerSecond?: number;
+    /** Over a datagram transport (udp): initiations examined per second from one IP address (default 20, in bursts of up to twice that). */
+    handshakesPerSource?: number;
     /** Where `invite` writes new clients: a JSON file of ClientEntry[] merged into clients. */
     clientsFile?: string;
     /** The address clients should dial, written into invites ("host:port" or a ws URL). */
@@ -669,6 +679,8 @@ export interface ResolvedConfig {
     clients: ClientEntry[];
     egress: { allow: string[] };
     handshakeTimeout: number;
+    handshakesPerSecond: number;
+    handshakesPerSource: number;
     clientsFile: string;
     publicAddress: string;
     outbound: ResolvedPluginRef;

@@ -78,6 +78,8 @@ test('no config file: the built-in defaults', async () => {
     clients: [],
     egress: { allow: [] },
     handshakeTimeout: 15000,
+    handshakesPerSecond: 1000,
+    handshakesPerSource: 20,
     clientsFile: join(d, 'keys', 'clients.json'),
     publicAddress: '',
     outbound: { use: 'direct', options: {} },
@@ -176,9 +178,13 @@ test('environment names match keys in any case; JSON values; text where a string
       DSHIELD_SERVER__CLIENTSFILE: '8443',
       DSHIELD_CLIENT__HTTP: 'false',
       DSHIELD_HASH: 'sha256',
+      DSHIELD_SERVER__HANDSHAKESPERSECOND: '5000',
+      DSHIELD_SERVER__HANDSHAKESPERSOURCE: '200',
       PATH: '/usr/bin',
     },
   });
+  assert.is(c.server.handshakesPerSecond, 5000);
+  assert.is(c.server.handshakesPerSource, 200);
   assert.is(c.client.serverPublicKey, KEY_A);
   assert.equal(c.transport, { use: 'ws', options: {} });
   assert.equal(c.server.egress.allow, ['127.0.0.0/8', 'fd00::/8']);
@@ -239,6 +245,8 @@ test('every kind of bad setting is one CONFIG line naming the key and the origin
     [{ server: { egress: { allow: ['10.0.0.0/8', '10.0.0.0/33'] } } }, /^server\.egress\.allow\[1\]: invalid address range "10\.0\.0\.0\/33"/],
     [{ server: { egress: { allow: '10.0.0.0/8' } } }, /^server\.egress\.allow: expected a list of address ranges/],
     [{ server: { handshakeTimeout: '15s' } }, /^server\.handshakeTimeout: expected a whole number of milliseconds .*got "15s"/],
+    [{ server: { handshakesPerSecond: 0 } }, /^server\.handshakesPerSecond: expected a whole number per second \(1 to 1000000\), got 0/],
+    [{ server: { handshakesPerSource: 2.5 } }, /^server\.handshakesPerSource: expected a whole number per second .*got 2\.5/],
     [{ server: { clients: [{ name: 'a', publicKey: KEY_A }, { name: 'a', publicKey: KEY_B }] } }, /^server\.clients\[1\]: duplicate client name "a"/],
     [{ server: { clients: [{ name: 'a' }] } }, /^server\.clients\[0\]: "publicKey" must be/],
     [{ server: { clients: [{ name: 'a', publicKey: KEY_A, pubkey: 'x' }] } }, /^server\.clients\[0\]: unknown field "pubkey"/],

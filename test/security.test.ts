@@ -6,7 +6,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
-import { writeFileSync } from 'node:fs';
+import dgram from 'node:dgram';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stopAll, tempDir } from './helpers/cli.ts';
 import { curl } from './helpers/curl.ts';
@@ -16,6 +17,11 @@ import { socksConnect } from './helpers/socks.ts';
 import { withTimeout } from './helpers/timeout.ts';
 import { startWebServer, sha256, type WebServer } from './helpers/web.ts';
 import { generateKeyPair } from '../core/x25519.ts';
+import { initiatorFactory, writeInitiation } from '../core/handshake.ts';
+import { decodeKey } from '../core/keys.ts';
+import { staticKeyFrom } from '../core/runtime.ts';
+import chachaDef from '../plugins/cipher-chacha20-poly1305.ts';
+import type { CipherPlugin } from '../core/types.ts';
 
 const MARKER = 'PLAINTEXT-MARKER-7f3a9c-visible-only-inside-the-tunnel';
 const payload = Buffer.from(`${MARKER}\n`.repeat(40_000)); // ~2.2 MB of a recognisable plaintext
@@ -138,6 +144,37 @@ test('random bytes to the server port: no reply, no crash, good clients still se
     assert.is(page, 'hello through the tunnel\n');
   } finally {
     await t.close();
+  }
+});
+
+test('udp: initiations beyond server.handshakesPerSource from one address get no answer, and the refusal is logged', async () => {
+  const s = await startServerProc({ transport: 'udp', http: false, serverArgs: ['--set', 'server.handshakesPerSource=1'] });
+  const sock = dgram.createSocket('udp4');
+  try {
+    const staticKey = staticKeyFrom(readFileSync(join(s.dir, 'keys', 'client.key'), 'utf8').trim(), 'client.key');
+    const serverPublicKey = decodeKey(readFileSync(join(s.dir, 'keys', 'server.pub'), 'utf8').trim(), 'server.pub');
+    const cipher = chachaDef.create({}, undefined as never) as CipherPlugin;
+    const make = initiatorFactory({ cipher, hash: 'BLAKE2s', staticKey, serverPublicKey });
+    // Authentic initiations from the server's own client, each newer than the one before (no replays).
+    const initiations = Array.from({ length: 6 }, (_, i) => {
+      const message1 = writeInitiation(make(), {});
+      return Buffer.concat([Buffer.from([1, i + 1, 0, 0, 0]), message1]);
+    });
+    let answers = 0;
+    sock.on('message', (m) => {
+      if (m[0] === 2) answers++;
+    });
+    await new Promise<void>((resolve) => sock.bind(0, '127.0.0.1', resolve));
+    const { host, port } = hostPort(s.serverAddress);
+    for (const datagram of initiations) sock.send(datagram, port, host);
+    await s.server.waitFor(/silenced a connection from 127\.0\.0\.1:\d+: too many handshakes/, 5000);
+    await new Promise((r) => setTimeout(r, 500));
+    // A burst of up to twice the rate: 2 of the 6 (a third only if a token came back in between).
+    assert.ok(answers >= 2 && answers <= 3, `${answers} of 6 initiations answered`);
+  } finally {
+    sock.close();
+    await s.server.stop();
+    s.cleanup();
   }
 });
 

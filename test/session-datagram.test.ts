@@ -14,6 +14,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { DshieldError, ErrorCodes } from '../core/errors.ts';
 import { ReplayGuard, type ClientHandshakeOptions, type Session, type SessionHandlers } from '../core/session.ts';
+import { initiatorFactory, writeInitiation } from '../core/handshake.ts';
 import {
   acceptDatagramSessions,
   connectDatagramSession,
@@ -697,6 +698,85 @@ test('after close() stops accepting, initiations get no answer', async () => {
       'no longer accepting',
     );
     assert.is(serverEnd.sent.count, 0);
+  } finally {
+    net.close();
+  }
+});
+
+/**
+ * `count` authentic initiation datagrams, each from a client key of its own
+ * (authorized in `w`), so the replay guard never stands between an
+ * initiation and its answer: what goes unanswered was rate-limited.
+ */
+function initiations(w: World, count: number): Buffer[] {
+  return Array.from({ length: count }, (_, i) => {
+    const staticKey = generateKeyPair();
+    w.clients.set(staticKey.publicKey.toString('base64'), { name: `c${i}` });
+    const message1 = writeInitiation(initiatorFactory({ cipher: chacha, hash: 'BLAKE2s', staticKey, serverPublicKey: w.server.publicKey })(), {});
+    const datagram = Buffer.alloc(5 + message1.length);
+    datagram[0] = 1;
+    datagram.writeUInt32LE(i + 1, 1);
+    message1.copy(datagram, 5);
+    return datagram;
+  });
+}
+
+/** Sends each datagram of `batch` from `from` and waits until the server sends no more; returns how many it sent to `from`. */
+async function answered(net: DatagramNet, serverEnd: MemEndpoint, from: string, batch: Buffer[]): Promise<number> {
+  const source = net.endpoint(from);
+  source.start({ datagram() {}, drain() {}, close() {} });
+  for (const datagram of batch) source.send(datagram, SERVER);
+  let seen = -1;
+  await until(
+    () => {
+      const now = serverEnd.sent.count;
+      const settled = now === seen;
+      seen = now;
+      return settled;
+    },
+    5000,
+    'the server to settle',
+  );
+  return serverEnd.sent.to.get(from) ?? 0;
+}
+
+test('handshake rate limits: per source IP and overall, the defaults and configured ones; a limited client is answered once it resends later', async () => {
+  // Defaults: 20 a second from one IP, in bursts of up to 40.
+  {
+    const w = world();
+    const { net, serverEnd } = setup(w);
+    try {
+      const n = await answered(net, serverEnd, '203.0.113.1:1000', initiations(w, 50));
+      assert.ok(n >= 40 && n <= 41, `default per-source burst: ${n} of 50 answered, expected 40`);
+    } finally {
+      net.close();
+    }
+  }
+  // Configured: 3 a second from one IP (bursts of 6), 10 a second overall (bursts of 10).
+  const w = world();
+  let clientTries = 0;
+  const count = (d: InFlight): Fate => {
+    if (d.from === CLIENT && isInitiation(d)) clientTries++;
+    return 'deliver';
+  };
+  const { net, serverEnd, clientEnd, served } = setup(w, count, { handshakesPerSource: 3, handshakesPerSecond: 10 });
+  try {
+    const first = await answered(net, serverEnd, '203.0.113.1:1000', initiations(w, 12));
+    assert.ok(first >= 6 && first <= 7, `per-source burst: ${first} of 12 answered, expected 6`);
+    // Another port on the same IP shares its bucket.
+    const samePort = await answered(net, serverEnd, '203.0.113.1:2000', initiations(w, 3));
+    assert.ok(samePort <= 1, `the same IP from another port: ${samePort} answered`);
+    // Other IPs have buckets of their own, until the overall limit (10, of which ~6 are spent) stops them too.
+    let others = 0;
+    for (let ip = 2; ip <= 4; ip++) others += await answered(net, serverEnd, `203.0.113.${ip}:1000`, initiations(w, 3));
+    assert.ok(others >= 3 && others <= 5, `other sources within the overall limit: ${others} answered, expected 4`);
+    assert.ok(first + samePort + others <= 12, `overall: ${first + samePort + others} answered in the burst`);
+    // Empty the overall bucket, then a real client: its first initiation goes unanswered, a resent one is answered.
+    await answered(net, serverEnd, '203.0.113.5:1000', initiations(w, 6));
+    const client = await withTimeout(connectDatagramSession(clientEnd, SERVER, clientOpts(w)), 6000, 'handshake after the limit');
+    await withTimeout(served.firstSession, 3000, 'server session');
+    assert.ok(clientTries >= 2, `the client was answered only after resending (${clientTries} initiations)`);
+    client.destroy();
   } finally {
     net.close();
   }

@@ -32,6 +32,8 @@ export function testConfig(): ResolvedConfig {
       clients: [],
       egress: { allow: [] },
       handshakeTimeout: 10_000,
+      handshakesPerSecond: 1000,
+      handshakesPerSource: 20,
       clientsFile: '',
       publicAddress: '',
       outbound: { use: 'direct', options: {} },

@@ -29,6 +29,8 @@ export interface TunnelOptions {
   /** Dial this instead of the server's address (a relay in the middle). */
   via?: (serverAddress: string) => Promise<string>;
   clientArgs?: string[];
+  /** More arguments for the server's command line (--set ...). */
+  serverArgs?: string[];
   /** false: no HTTP proxy (client.http: false), as a datagram transport requires. */
   http?: false;
 }
@@ -55,7 +57,7 @@ export async function startServerProc(opts: TunnelOptions = {}): Promise<{ serve
       handshakeTimeout: 2500,
     },
   });
-  const server = startCli(['--mode', 'server', '--config', config]);
+  const server = startCli(['--mode', 'server', '--config', config, ...(opts.serverArgs ?? [])]);
   const [, serverAddress] = await server.waitFor(/listening on (\S+)/);
   return { server, serverAddress: serverAddress!, dir: dir.dir, config, cleanup: dir.cleanup };
 }
