@@ -13,11 +13,14 @@
  *                  microsocks (no crypto, measured the same way for
  *                  reference) shows a p99 over 150 ms there.
  *   handshakes     a server pinned to CPU 0, a driver pinned to CPU 1 doing
- *                  full Noise IK handshakes over new tcp connections: completed
+ *                  full Noise IK handshakes, over tcp (a new connection each)
+ *                  and over udp (a new client socket each): completed
  *                  handshakes per second of the server's CPU time (what one
  *                  core sustains), and per wall-clock second; the server's
  *                  first, uncounted run warms its compiled code, so the runs
- *                  measure a server in steady state
+ *                  measure a server in steady state. The udp server's
+ *                  handshake rate limits are lifted: they bound what forged
+ *                  initiations may cost, and here they would cap the measure
  */
 import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -36,12 +39,15 @@ const STREAMS = fileURLToPath(new URL('./drivers/streams.ts', import.meta.url));
 const HANDSHAKES = fileURLToPath(new URL('./drivers/handshakes.ts', import.meta.url));
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function row(spec: { id: string; system: string; cipher: string; role: Row['role'] }, metric: string, label: string, unit: string, better: Row['better'], runs: number[], extra?: Record<string, unknown>): Row {
-  return finish({ section: 'scale', id: spec.id, system: spec.system, mode: 'SOCKS5', cipher: spec.cipher, role: spec.role, metric, label, unit, better, runs, status: 'ok', extra });
+/** What a scale test goes through: the proxy, or (the handshake test) the session alone. */
+type ScaleSpec = { id: string; system: string; cipher: string; role: Row['role']; modeLabel?: string };
+
+function row(spec: ScaleSpec, metric: string, label: string, unit: string, better: Row['better'], runs: number[], extra?: Record<string, unknown>): Row {
+  return finish({ section: 'scale', id: spec.id, system: spec.system, mode: spec.modeLabel ?? 'SOCKS5', cipher: spec.cipher, role: spec.role, metric, label, unit, better, runs, status: 'ok', extra });
 }
 
-function failedRows(spec: SystemSpec, metrics: Array<[string, string, string, Row['better']]>, why: string, status: Row['status'] = 'failed'): Row[] {
-  return metrics.map(([metric, label, unit, better]) => ({ section: 'scale', id: spec.id, system: spec.system, mode: 'SOCKS5', cipher: spec.cipher, role: spec.role, metric, label, unit, better, runs: [], status, reason: why }));
+function failedRows(spec: SystemSpec & { modeLabel?: string }, metrics: Array<[string, string, string, Row['better']]>, why: string, status: Row['status'] = 'failed'): Row[] {
+  return metrics.map(([metric, label, unit, better]) => ({ section: 'scale', id: spec.id, system: spec.system, mode: spec.modeLabel ?? 'SOCKS5', cipher: spec.cipher, role: spec.role, metric, label, unit, better, runs: [], status, reason: why }));
 }
 
 function driver(bt: BenchTopology, args: string[]) {
@@ -140,12 +146,20 @@ async function activeStreams(bt: BenchTopology, spec: SystemSpec): Promise<Row[]
   ];
 }
 
-async function handshakes(bt: BenchTopology): Promise<Row[]> {
-  const spec = { id: 'dshield-handshakes/tcp/chacha20-poly1305', system: 'dshield server (tcp)', cipher: 'chacha20-poly1305', role: 'dshield' as const };
+/** The handshake test's server, one per transport. */
+function handshakeSpec(transport: HandshakeTransport) {
+  return { id: `dshield-handshakes/${transport}/chacha20-poly1305`, system: `dshield server (${transport})`, modeLabel: 'handshake', cipher: 'chacha20-poly1305', role: 'dshield' as const };
+}
+type HandshakeTransport = 'tcp' | 'udp';
+/** Above any rate the test reaches: server.handshakesPerSecond and handshakesPerSource for the udp server. */
+const UNLIMITED_HANDSHAKES = 1_000_000;
+
+async function handshakes(bt: BenchTopology, transport: HandshakeTransport): Promise<Row[]> {
+  const spec = handshakeSpec(transport);
   const work = mkdtempSync(join(tmpdir(), 'dshield-bench-hs-'));
   const lanes = 32;
   const o: DshieldConfigOptions = {
-    transport: 'tcp',
+    transport,
     cipher: 'chacha20-poly1305',
     serverIp: bt.topo.addr.serverClientSide,
     webSubnet: '10.200.2.0/24',
@@ -158,7 +172,9 @@ async function handshakes(bt: BenchTopology): Promise<Row[]> {
   const perCore: number[] = [];
   const observed: number[] = [];
   let warmupPerCore = 0;
-  const server = startCliIn(bt.topo.ns.server, 'dshield-server(handshakes)', 'server', join(work, 'server'), serverConfig(o), '0');
+  const base = serverConfig(o) as { server: Record<string, unknown> };
+  const limits = transport === 'udp' ? { handshakesPerSecond: UNLIMITED_HANDSHAKES, handshakesPerSource: UNLIMITED_HANDSHAKES } : {};
+  const server = startCliIn(bt.topo.ns.server, `dshield-server(handshakes, ${transport})`, 'server', join(work, 'server'), { ...base, server: { ...base.server, ...limits } }, '0');
   try {
     await server.waitFor(/listening on \S+/, 30_000);
     const config = join(work, 'client.config.json');
@@ -181,12 +197,12 @@ async function handshakes(bt: BenchTopology): Promise<Row[]> {
     };
     const warm = await drive(SETTINGS.handshakeWarmupSeconds);
     warmupPerCore = warm.handshakes / warm.cpu;
-    console.log(`  handshakes warm-up (not counted): ${warm.handshakes} in ${warm.seconds.toFixed(1)} s, server CPU ${warm.cpu.toFixed(2)} s, ${warmupPerCore.toFixed(0)} per CPU-second`);
+    console.log(`  handshakes over ${transport}, warm-up (not counted): ${warm.handshakes} in ${warm.seconds.toFixed(1)} s, server CPU ${warm.cpu.toFixed(2)} s, ${warmupPerCore.toFixed(0)} per CPU-second`);
     for (let run = 0; run < RUNS; run++) {
       const r = await drive(SETTINGS.handshakeSeconds);
       perCore.push(r.handshakes / r.cpu);
       observed.push(r.handshakes / r.seconds);
-      console.log(`  handshakes run ${run + 1}: ${r.handshakes} in ${r.seconds.toFixed(1)} s, server CPU ${r.cpu.toFixed(2)} s, ${r.errors} errors`);
+      console.log(`  handshakes over ${transport}, run ${run + 1}: ${r.handshakes} in ${r.seconds.toFixed(1)} s, server CPU ${r.cpu.toFixed(2)} s, ${r.errors} errors`);
     }
   } finally {
     await server.stop();
@@ -219,7 +235,9 @@ export async function runScale(bt: BenchTopology): Promise<Row[]> {
   ];
   await attempt(microsocks, activeMetrics, () => activeStreams(bt, microsocks));
   await attempt(dsh, activeMetrics, () => activeStreams(bt, dsh));
-  const hsSpec = { ...dsh, id: 'dshield-handshakes/tcp/chacha20-poly1305', system: 'dshield server (tcp)' };
-  await attempt(hsSpec, [['handshakes-per-core', 'handshakes per server CPU-second', '/s', 'higher'], ['handshakes-observed', 'handshakes per wall second', '/s', 'higher']], () => handshakes(bt));
+  for (const transport of ['tcp', 'udp'] as const) {
+    const hsSpec = { ...dsh, ...handshakeSpec(transport) };
+    await attempt(hsSpec, [['handshakes-per-core', 'handshakes per server CPU-second', '/s', 'higher'], ['handshakes-observed', 'handshakes per wall second', '/s', 'higher']], () => handshakes(bt, transport));
+  }
   return rows;
 }

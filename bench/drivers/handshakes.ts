@@ -6,21 +6,24 @@
  * CONFIG is a client config (transport, cipher, server, server key);
  * KEYS_JSON a list of client private keys the server knows. One lane per key
  * (a client's initiations must carry increasing timestamps, so each key
- * handshakes in sequence): dial, complete the Noise handshake, drop the
- * session, again, until SECONDS are up. Prints `RESULT {json}` with the
- * number of completed handshakes.
+ * handshakes in sequence): dial (over tcp or ws, a new connection; over udp,
+ * a new socket, as the client binds for each session), complete the Noise
+ * handshake, close the session as a leaving client does (a CLOSE record),
+ * again, until SECONDS are up. Prints `RESULT {json}` with the number of
+ * completed handshakes.
  */
 import { readFileSync } from 'node:fs';
 import { loadConfig } from '../../core/config.ts';
 import { decodeKey } from '../../core/keys.ts';
 import { createRuntime, loadCommonPlugins, staticKeyFrom } from '../../core/runtime.ts';
-import { connectSession } from '../../core/session.ts';
+import { connectSession, type ClientHandshakeOptions, type Session } from '../../core/session.ts';
+import { connectDatagramSession } from '../../core/session-datagram.ts';
+import { bindForServer } from '../../core/datagram-dial.ts';
 
 const [configPath, keysPath, secondsText] = process.argv.slice(2);
 const config = await loadConfig({ configPath, materializeKeys: 'client' });
 const rt = await createRuntime(config, { mode: 'client' });
 const { transport, cipher, auth, hash } = await loadCommonPlugins(rt, 'client');
-if (transport.type === 'datagram') throw new Error('the handshake driver dials stream transports (tcp, ws) only');
 const serverPublicKey = decodeKey(config.client.serverPublicKey, 'client.serverPublicKey');
 const keys = (JSON.parse(readFileSync(keysPath!, 'utf8')) as string[]).map((k) => staticKeyFrom(k, 'bench key'));
 const log = rt.log.child('bench');
@@ -34,19 +37,16 @@ await Promise.all(
   keys.map(async (staticKey) => {
     while (performance.now() < deadline) {
       try {
-        const link = await transport.dial(config.client.server, rt.signal);
-        const session = await connectSession(link, {
-          cipher,
-          hash,
-          staticKey,
-          serverPublicKey,
-          psk: auth.psk(),
-          payload: {},
-          handshakeTimeoutMs: 5_000,
-          log,
-        });
+        const handshake: ClientHandshakeOptions = { cipher, hash, staticKey, serverPublicKey, psk: auth.psk(), payload: {}, handshakeTimeoutMs: 5_000, log };
+        let session: Session;
+        if (transport.type === 'datagram') {
+          const bound = await bindForServer(transport, config.client.server, rt.signal);
+          session = await connectDatagramSession(bound.endpoint, bound.server, handshake);
+        } else {
+          session = await connectSession(await transport.dial(config.client.server, rt.signal), handshake);
+        }
         done++;
-        session.destroy();
+        session.close();
       } catch (err) {
         errors++;
         firstError ??= (err as Error).message;
