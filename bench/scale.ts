@@ -39,7 +39,7 @@ const STREAMS = fileURLToPath(new URL('./drivers/streams.ts', import.meta.url));
 const HANDSHAKES = fileURLToPath(new URL('./drivers/handshakes.ts', import.meta.url));
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** What a scale test goes through: the proxy, or (the handshake test) the session alone. */
+/** A scale row's system. modeLabel fills the mode column: SOCKS5 unless said (the handshake test has no proxy). */
 type ScaleSpec = { id: string; system: string; cipher: string; role: Row['role']; modeLabel?: string };
 
 function row(spec: ScaleSpec, metric: string, label: string, unit: string, better: Row['better'], runs: number[], extra?: Record<string, unknown>): Row {
