@@ -144,6 +144,8 @@ const DEFAULT_HANDSHAKES_PER_SOURCE = 20;
 const MAX_TRACKED_SOURCES = 4096;
 /** Refusals reported (onRefused) per second at most: garbage must not flood the logs. */
 const REFUSALS_REPORTED_PER_SECOND = 10;
+/** At most one warning this often that the handshake rate limits turned initiations away. */
+const RATE_LIMIT_WARNING_MS = 60_000;
 
 // ---------------------------------------------------------------------------
 // Keys and indices
@@ -1170,6 +1172,8 @@ export interface DatagramAcceptOptions extends Omit<ServerAcceptOptions, 'onRefu
   handshakesPerSecond?: number;
   /** Initiations examined per second from one source IP (default 20), in bursts of up to twice that. */
   handshakesPerSource?: number;
+  /** Warn (log.warn, with counts since the last warning) at most this often when the rate limits turn initiations away (default 60_000). */
+  rateLimitWarningMs?: number;
 }
 
 /** The server side of an endpoint. close() stops answering initiations; the endpoint closes once no session is left. */
@@ -1278,20 +1282,51 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
     if (list.length === 0) halfOpen.delete(clientKey);
   };
 
-  const rateLimited = (from: string, now: number): boolean => {
-    const ip = sourceIp(from);
+  /** Which limit, if any, turns this initiation away: the source IP's or the overall one. */
+  const rateLimited = (ip: string, now: number): 'source' | 'overall' | null => {
     let bucket = perSource.get(ip);
     if (bucket === undefined) {
       if (perSource.size >= MAX_TRACKED_SOURCES) perSource.clear();
       bucket = new Bucket(handshakesPerSource, 2 * handshakesPerSource);
       perSource.set(ip, bucket);
     }
-    return !bucket.take(now) || !allHandshakes.take(now);
+    if (!bucket.take(now)) return 'source';
+    return allHandshakes.take(now) ? null : 'overall';
+  };
+
+  // Turned away by the limits since the last warning. Refusals are logged at debug only, so an
+  // operator whose own clients hit the limits learns it from this warning, and which setting to raise.
+  const limited = { source: 0, overall: 0, busiestSource: '', since: 0 };
+  let lastLimitWarning = -Infinity;
+  const rateLimitWarningMs = opts.rateLimitWarningMs ?? RATE_LIMIT_WARNING_MS;
+  const noteLimited = (limit: 'source' | 'overall', ip: string, now: number): void => {
+    if (limited.source + limited.overall === 0) limited.since = now;
+    limited[limit]++;
+    if (limit === 'source') limited.busiestSource = ip;
+    if (now - lastLimitWarning < rateLimitWarningMs) return;
+    lastLimitWarning = now;
+    const parts: string[] = [];
+    if (limited.source > 0) {
+      parts.push(`${limited.source} over server.handshakesPerSource (${handshakesPerSource} a second from one IP, latest ${limited.busiestSource})`);
+    }
+    if (limited.overall > 0) parts.push(`${limited.overall} over server.handshakesPerSecond (${handshakesPerSecond} a second in all)`);
+    const total = limited.source + limited.overall;
+    const what = total === 1 ? 'an initiation' : `${total} initiations in ${Math.max(1, Math.round((now - limited.since) / 1000))} s`;
+    log.warn(`handshake rate limits turned away ${what}: ${parts.join('; ')}. Their clients retry; if they are yours (many behind one NAT, or all reconnecting at once), raise the setting`, {
+      bySource: limited.source,
+      overall: limited.overall,
+    });
+    limited.source = 0;
+    limited.overall = 0;
   };
 
   const onInitiation = (data: Buffer, from: string): void => {
     if (!accepting || data.length < MIN_INITIATION) return;
-    if (rateLimited(from, Date.now())) {
+    const ip = sourceIp(from);
+    const now = Date.now();
+    const limit = rateLimited(ip, now);
+    if (limit !== null) {
+      noteLimited(limit, ip, now);
       refuse('too many handshakes', from);
       return;
     }

@@ -759,10 +759,17 @@ test('handshake rate limits: per source IP and overall, the defaults and configu
     if (d.from === CLIENT && isInitiation(d)) clientTries++;
     return 'deliver';
   };
-  const { net, serverEnd, clientEnd, served } = setup(w, count, { handshakesPerSource: 3, handshakesPerSecond: 10 });
+  const warnings: string[] = [];
+  const log: Logger = { ...quiet, warn: (msg) => warnings.push(msg), child: () => log };
+  const { net, serverEnd, clientEnd, served } = setup(w, count, { handshakesPerSource: 3, handshakesPerSecond: 10, log, rateLimitWarningMs: 400 });
   try {
     const first = await answered(net, serverEnd, '203.0.113.1:1000', initiations(w, 12));
     assert.ok(first >= 6 && first <= 7, `per-source burst: ${first} of 12 answered, expected 6`);
+    // The first initiation turned away is reported at once, with the setting to raise; the rest wait for the next warning.
+    assert.equal(warnings, [
+      'handshake rate limits turned away an initiation: 1 over server.handshakesPerSource (3 a second from one IP, latest 203.0.113.1). ' +
+        'Their clients retry; if they are yours (many behind one NAT, or all reconnecting at once), raise the setting',
+    ]);
     // Another port on the same IP shares its bucket.
     const samePort = await answered(net, serverEnd, '203.0.113.1:2000', initiations(w, 3));
     assert.ok(samePort <= 1, `the same IP from another port: ${samePort} answered`);
@@ -771,8 +778,13 @@ test('handshake rate limits: per source IP and overall, the defaults and configu
     for (let ip = 2; ip <= 4; ip++) others += await answered(net, serverEnd, `203.0.113.${ip}:1000`, initiations(w, 3));
     assert.ok(others >= 3 && others <= 5, `other sources within the overall limit: ${others} answered, expected 4`);
     assert.ok(first + samePort + others <= 12, `overall: ${first + samePort + others} answered in the burst`);
+    assert.is(warnings.length, 1, 'one warning per interval, however many are turned away');
     // Empty the overall bucket, then a real client: its first initiation goes unanswered, a resent one is answered.
+    await sleep(450);
     await answered(net, serverEnd, '203.0.113.5:1000', initiations(w, 6));
+    // The next warning counts everything turned away since the first, by limit.
+    assert.is(warnings.length, 2);
+    assert.match(warnings[1]!, /^handshake rate limits turned away \d+ initiations in \d+ s: \d+ over server\.handshakesPerSource \(3 a second from one IP, latest 203\.0\.113\.\d\); \d+ over server\.handshakesPerSecond \(10 a second in all\)\. /);
     const client = await withTimeout(connectDatagramSession(clientEnd, SERVER, clientOpts(w)), 6000, 'handshake after the limit');
     await withTimeout(served.firstSession, 3000, 'server session');
     assert.ok(clientTries >= 2, `the client was answered only after resending (${clientTries} initiations)`);
