@@ -1296,18 +1296,18 @@ export function acceptDatagramSessions(endpoint: DatagramEndpoint, opts: Datagra
 
   // Turned away by the limits since the last warning. Refusals are logged at debug only, so an
   // operator whose own clients hit the limits learns it from this warning, and which setting to raise.
-  const limited = { source: 0, overall: 0, busiestSource: '', since: 0 };
+  const limited = { source: 0, overall: 0, latestSource: '', since: 0 };
   let lastLimitWarning = -Infinity;
   const rateLimitWarningMs = opts.rateLimitWarningMs ?? RATE_LIMIT_WARNING_MS;
   const noteLimited = (limit: 'source' | 'overall', ip: string, now: number): void => {
     if (limited.source + limited.overall === 0) limited.since = now;
     limited[limit]++;
-    if (limit === 'source') limited.busiestSource = ip;
+    if (limit === 'source') limited.latestSource = ip;
     if (now - lastLimitWarning < rateLimitWarningMs) return;
     lastLimitWarning = now;
     const parts: string[] = [];
     if (limited.source > 0) {
-      parts.push(`${limited.source} over server.handshakesPerSource (${handshakesPerSource} a second from one IP, latest ${limited.busiestSource})`);
+      parts.push(`${limited.source} over server.handshakesPerSource (${handshakesPerSource} a second from one IP, latest ${limited.latestSource})`);
     }
     if (limited.overall > 0) parts.push(`${limited.overall} over server.handshakesPerSecond (${handshakesPerSecond} a second in all)`);
     const total = limited.source + limited.overall;
