@@ -35,9 +35,10 @@ const started = performance.now();
 const deadline = started + Number(secondsText) * 1000;
 await Promise.all(
   keys.map(async (staticKey) => {
+    // One lane's options serve all its handshakes: only the sockets and the Noise states are new each time.
+    const handshake: ClientHandshakeOptions = { cipher, hash, staticKey, serverPublicKey, psk: auth.psk(), payload: {}, handshakeTimeoutMs: 5_000, log };
     while (performance.now() < deadline) {
       try {
-        const handshake: ClientHandshakeOptions = { cipher, hash, staticKey, serverPublicKey, psk: auth.psk(), payload: {}, handshakeTimeoutMs: 5_000, log };
         let session: Session;
         if (transport.type === 'datagram') {
           const bound = await bindForServer(transport, config.client.server, rt.signal);
