@@ -567,9 +567,19 @@ function cameAlone(now: number, before: number): boolean {
   return now - before >= 1;
 }
 
-/** Lone packets and time bound of warmUp at the thread's start. */
-const WARM_UP_ROUNDS = 3000;
-const WARM_UP_MS = 300;
+/**
+ * Lone packets and time bound of warmUp at the thread's start. V8 optimizes
+ * a function once it has run some thousands of times, and a round calls
+ * some of the path's steps only every other time (a server's sinks or a
+ * client's): 3,000 rounds within 300 ms, which came to about 1,900 on a
+ * slow VM, left the opening, the delivery into the TUN, the sealing, the
+ * TUN read or the burst meter (which of them varied from start to start)
+ * to be optimized during the first 1,000 pings after 2 s of iperf3, each
+ * compile taking a core for 1-16 ms meanwhile; 6,000 rounds, 0.7-0.9 s
+ * there, left none of them.
+ */
+const WARM_UP_ROUNDS = 6000;
+const WARM_UP_MS = 1000;
 /** Packets sealed and opened in memory before it (PacketPath.opensWhatItSeals). */
 const AEAD_CHECK_ROUNDS = 8;
 /** How long a warm-up round waits for its packet at each step before it gives up. */
@@ -815,8 +825,19 @@ async function run(): Promise<void> {
   const rounds = warmUp(aead, waiter, WARM_UP_ROUNDS, WARM_UP_MS);
   commands.drain();
   post({ t: 'ready', warmUp: { rounds, ms: performance.now() - startedAt } });
-  serve(new Loop(path, waiter, data.udpFd, -1), Infinity);
+  const loop = new Loop(path, waiter, data.udpFd, -1);
+  while (!stopping) serve(loop, TURNS_PER_SERVE);
 }
+
+/**
+ * The turns run() asks of one serve() call. A small integer, as the
+ * warm-up's 1 is: serve was optimized on the warm-up's calls, and a first
+ * call with Infinity (a heap number, "not a Smi" to V8) threw that code
+ * away, so the thread's loop ran unoptimized until V8 replaced it on the
+ * stack, which packets that come one at a time took many seconds to bring
+ * about.
+ */
+const TURNS_PER_SERVE = 0x3fff_ffff;
 
 /**
  * Turn `loop` until the thread stops, `turns` turns are done, or a turn
