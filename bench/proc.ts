@@ -8,6 +8,8 @@
  * command's own: /proc/PID/stat is the system's process (all its threads).
  */
 import { readFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { performance } from 'node:perf_hooks';
 import { spawnIn, stopChild } from '../test/helpers/netns.ts';
 import { ProcessOutput } from '../test/helpers/output.ts';
 import type { ChildProcess } from 'node:child_process';
@@ -74,6 +76,40 @@ export function cpuSeconds(pid: number): number {
   } catch {
     return 0;
   }
+}
+
+/**
+ * Measures the machine's CPU steal over a stretch of time: the share of its
+ * CPUs' time that the hypervisor gave to other guests while they had work
+ * (/proc/stat's steal column, all CPUs). On a shared VM that is what most
+ * often makes one run of a measurement slower than the next. 0 where the
+ * kernel reports no steal.
+ */
+export class StealMeter {
+  private readonly startedAt = performance.now();
+  private readonly stolenBefore = stolenSeconds();
+
+  /** Percent of the CPUs' time stolen since the meter was made. */
+  percent(): number {
+    const wall = (performance.now() - this.startedAt) / 1000;
+    return wall > 0 ? (100 * Math.max(0, stolenSeconds() - this.stolenBefore)) / (wall * cpus().length) : 0;
+  }
+}
+
+function stolenSeconds(): number {
+  try {
+    return stealInProcStat(readFileSync('/proc/stat', 'utf8'));
+  } catch {
+    return 0;
+  }
+}
+
+/** The steal, in seconds over all CPUs, in the text of /proc/stat ("cpu user nice system idle iowait irq softirq steal ..."); 0 where the line has no such column. */
+export function stealInProcStat(text: string): number {
+  const fields = text.split('\n', 1)[0]!.trim().split(/\s+/);
+  if (fields[0] !== 'cpu') return 0;
+  const ticks = Number(fields[8]);
+  return Number.isFinite(ticks) ? ticks / HZ : 0;
 }
 
 /** Resident set size in bytes (VmRSS); 0 when it is gone. */

@@ -28,6 +28,8 @@ export interface Row {
   min?: number;
   max?: number;
   cpuSecPerGB?: number;
+  /** Percent of the machine's CPU time the hypervisor took (steal) while this system was measured (bench/proc.ts, StealMeter). */
+  stealPercent?: number;
   status: Status;
   reason?: string;
   vsBaseline?: number;
@@ -200,8 +202,8 @@ export function fmt(n: number, digits?: number): string {
   return n.toFixed(d);
 }
 
-function cell(row: Row): { median: string; range: string; base: string; peer: string; cpu: string } {
-  if (row.status !== 'ok' || row.median === undefined) return { median: row.status, range: '', base: '', peer: '', cpu: '' };
+function cell(row: Row): { median: string; range: string; base: string; peer: string; cpu: string; steal: string } {
+  if (row.status !== 'ok' || row.median === undefined) return { median: row.status, range: '', base: '', peer: '', cpu: '', steal: '' };
   const base = row.vsBaseline === undefined ? '—' : row.additive ? `${row.vsBaseline >= 0 ? '+' : ''}${fmt(row.vsBaseline, 3)} ms` : `${row.vsBaseline.toFixed(2)}×`;
   const peer = row.vsBestPeer === undefined ? '—' : `${row.vsBestPeer.toFixed(2)}×${row.additive ? ' (added)' : ''}`;
   return {
@@ -210,15 +212,16 @@ function cell(row: Row): { median: string; range: string; base: string; peer: st
     base,
     peer: row.role === 'peer' && row.vsBestPeer !== undefined && Math.abs(row.vsBestPeer - 1) < 1e-9 ? 'best' : peer,
     cpu: row.cpuSecPerGB === undefined ? '—' : fmt(row.cpuSecPerGB),
+    steal: row.stealPercent === undefined ? '—' : `${row.stealPercent.toFixed(1)} %`,
   };
 }
 
 export function markdownTable(rows: Row[]): string {
-  const lines = ['| system | mode | cipher | metric | median | min–max | vs baseline | vs best peer | CPU s/GB |', '|---|---|---|---|---|---|---|---|---|'];
+  const lines = ['| system | mode | cipher | metric | median | min–max | vs baseline | vs best peer | CPU s/GB | CPU steal |', '|---|---|---|---|---|---|---|---|---|---|'];
   for (const r of rows) {
     const c = cell(r);
     const median = r.status === 'ok' ? c.median : `**${r.status}**${r.reason ? ` (${r.reason.replace(/\|/g, '/')})` : ''}`;
-    lines.push(`| ${r.system} | ${r.mode} | ${r.cipher} | ${r.label} | ${median} | ${c.range} | ${c.base} | ${c.peer} | ${c.cpu} |`);
+    lines.push(`| ${r.system} | ${r.mode} | ${r.cipher} | ${r.label} | ${median} | ${c.range} | ${c.base} | ${c.peer} | ${c.cpu} | ${c.steal} |`);
   }
   return lines.join('\n');
 }
@@ -226,9 +229,9 @@ export function markdownTable(rows: Row[]): string {
 export function consoleTable(rows: Row[]): string {
   const data = rows.map((r) => {
     const c = cell(r);
-    return [r.system, r.mode, r.cipher, r.label, r.status === 'ok' ? c.median : `${r.status}${r.reason ? `: ${r.reason}` : ''}`.slice(0, 70), c.range, c.base, c.peer, c.cpu];
+    return [r.system, r.mode, r.cipher, r.label, r.status === 'ok' ? c.median : `${r.status}${r.reason ? `: ${r.reason}` : ''}`.slice(0, 70), c.range, c.base, c.peer, c.cpu, c.steal];
   });
-  const head = ['system', 'mode', 'cipher', 'metric', 'median', 'min–max', 'vs baseline', 'vs best peer', 'CPU s/GB'];
+  const head = ['system', 'mode', 'cipher', 'metric', 'median', 'min–max', 'vs baseline', 'vs best peer', 'CPU s/GB', 'steal'];
   const widths = head.map((h, i) => Math.max(h.length, ...data.map((d) => d[i]!.length)));
   const line = (cols: string[]) => cols.map((c, i) => c.padEnd(widths[i]!)).join('  ');
   return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...data.map(line)].join('\n');

@@ -28,7 +28,7 @@ import { hasTool } from '../test/helpers/netns.ts';
 import { curlDownload, curlUpload, iperfTcp, pingRtt, sequentialRequests, udpSearch } from './measure.ts';
 import * as peers from './peers.ts';
 import type { Running, SystemSpec } from './peers.ts';
-import { withCpu } from './proc.ts';
+import { StealMeter, withCpu } from './proc.ts';
 import { computeRatios, consoleTable, evaluateTargets, finish, markdownTable, svgChart, writeResults, type Row } from './report.ts';
 import { runHopFloor } from './hop-floor.ts';
 import { runScale } from './scale.ts';
@@ -158,6 +158,7 @@ async function runSystem(bt: BenchTopology, spec: SystemSpec, defs: MetricDef[],
     }
     const marker = `sys=${encodeURIComponent(spec.id)}`;
     const c = new Collector();
+    const steal = new StealMeter();
     try {
       await measure(sys, c, marker);
     } catch (err) {
@@ -173,16 +174,18 @@ async function runSystem(bt: BenchTopology, spec: SystemSpec, defs: MetricDef[],
       console.log(`  ${spec.id}: failed — ${why}`);
       return emptyRows(spec, defs, 'failed', why);
     }
+    const stealPercent = steal.percent();
     const rows = defs.map((d): Row => {
       const cpu = c.cpu.get(d.metric);
       return finish({
         ...emptyRows(spec, [d], 'ok')[0]!,
         runs: c.values.get(d.metric) ?? [],
         cpuSecPerGB: cpu && cpu.bytes > 0 ? cpu.cpu / (cpu.bytes / 1e9) : undefined,
+        stealPercent,
         extra: { source: expected, notes: sys!.notes, ...(c.extra.has(d.metric) ? { detail: c.extra.get(d.metric) } : {}) },
       });
     });
-    console.log(`  ${spec.id}: ${rows.map((r) => `${r.metric} ${r.median?.toFixed(2)}`).join(', ')} (${((Date.now() - t0) / 1000).toFixed(0)} s; web host saw ${expected})`);
+    console.log(`  ${spec.id}: ${rows.map((r) => `${r.metric} ${r.median?.toFixed(2)}`).join(', ')} (${((Date.now() - t0) / 1000).toFixed(0)} s, CPU steal ${stealPercent.toFixed(1)} %; web host saw ${expected})`);
     return rows;
   } finally {
     await sys?.stop().catch(() => {});
@@ -265,6 +268,7 @@ async function main(): Promise<void> {
       'CPU s/GB sums utime+stime of the system\'s own processes (/proc/PID/stat) over the bytes the receiver got; kernel work in softirq (forwarding, veth, TUN queues, NAT) is attributed to no process, so it is not counted for anyone, and the plain baseline shows none.',
       'Each system is set up, measured RUNS times, and torn down before the next; the machine is shared, so compare ratios within this run.',
       'The web host logs the source address of every request: tunnel and proxy rows are kept only if all their requests came from the server namespace (the baseline: from the client).',
+      'CPU steal is the share of the machine\'s CPU time (all CPUs, /proc/stat) that the hypervisor gave to other guests while the system was measured: on a shared VM, a row measured under a few percent of steal can come out slower for that alone, latency rows most (a lone packet waits for a CPU the hypervisor took).',
     ],
   };
   const svg = svgChart(`dshield bench ${meta.date.slice(0, 10)} (${QUICK ? 'quick' : 'full'}, median of ${RUNS}; whiskers min–max)`, [

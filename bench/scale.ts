@@ -29,7 +29,7 @@ import { fileURLToPath } from 'node:url';
 import { ROOT } from '../test/helpers/cli.ts';
 import { clientConfig, dshieldProxy, newKeys, serverConfig, startCliIn, type DshieldConfigOptions } from './dshield.ts';
 import { microsocks, type Running, type SystemSpec } from './peers.ts';
-import { cpuSeconds, rssBytes, startIn } from './proc.ts';
+import { StealMeter, cpuSeconds, rssBytes, startIn } from './proc.ts';
 import { finish, type Row } from './report.ts';
 import { PORTS, RUNS, SETTINGS } from './settings.ts';
 import type { BenchTopology } from './topology.ts';
@@ -219,7 +219,10 @@ export async function runScale(bt: BenchTopology): Promise<Row[]> {
   const dsh = dshieldProxy('tcp', 'chacha20-poly1305');
   const attempt = async (spec: SystemSpec, metrics: Array<[string, string, string, Row['better']]>, fn: () => Promise<Row[]>) => {
     try {
-      rows.push(...(await fn()));
+      const steal = new StealMeter();
+      const measured = await fn();
+      const stealPercent = steal.percent();
+      rows.push(...measured.map((row) => ({ ...row, stealPercent })));
     } catch (err) {
       const why = (err as Error).message.split('\n')[0]!;
       console.log(`  ${spec.id} ${metrics.map((m) => m[0]).join('/')}: failed — ${why}`);

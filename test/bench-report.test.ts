@@ -5,7 +5,8 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { computeRatios, evaluateTargets, finish, type Row, type Target } from '../bench/report.ts';
+import { computeRatios, evaluateTargets, finish, markdownTable, type Row, type Target } from '../bench/report.ts';
+import { stealInProcStat } from '../bench/proc.ts';
 
 type Spec = Pick<Row, 'section' | 'id' | 'role' | 'metric'> & Partial<Row>;
 
@@ -120,6 +121,20 @@ test('proxy: each dshield row against shadowsocks-libev with the same cipher; me
   assert.is(verdict(targets, '≤ 16 KiB server memory per idle stream').verdict, 'PASS');
   // A p99 inside 50 ms with a stream that got no round trip at all is a starved stream: not met.
   assert.is(verdict(targets, 'p99 of a 1 KiB request ≤ 50 ms').verdict, 'FAIL');
+});
+
+test('CPU steal: read from /proc/stat, shown per row in the results table', () => {
+  assert.is(stealInProcStat('cpu  1804694 0 1041277 3156495 25150 0 380972 144574 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n'), 1445.74);
+  assert.is(stealInProcStat('cpu  1 2 3 4 5 6 7\n'), 0, 'a kernel without the steal column');
+  assert.is(stealInProcStat('intr 5 6\n'), 0);
+  const rows = tunRows({ up: 600, down: 650, ping: 0.45, requests: 0.8 });
+  for (const r of rows) if (r.id === 'openvpn/aes-256-gcm') r.stealPercent = 2.46;
+  computeRatios(rows);
+  const lines = markdownTable(rows).split('\n');
+  assert.match(lines[0]!, /\| CPU steal \|$/);
+  const cells = (id: string) => lines.find((l) => l.startsWith(`| ${id} |`) && l.includes('| ping |'))!.split('|').map((c) => c.trim());
+  assert.is(cells('openvpn/aes-256-gcm').at(-2), '2.5 %');
+  assert.is(cells('wireguard-go').at(-2), '—', 'a row measured without the meter');
 });
 
 test.run();
