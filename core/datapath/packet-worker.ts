@@ -575,7 +575,7 @@ function cameAlone(now: number, before: number): boolean {
  * slow VM, left the opening, the delivery into the TUN, the sealing, the
  * TUN read or the burst meter (which of them varied from start to start)
  * to be optimized during the first 1,000 pings after 2 s of iperf3, each
- * compile taking a core for 1-16 ms meanwhile; 6,000 rounds, 0.7-0.9 s
+ * compile taking a core for 1-8 ms meanwhile; 6,000 rounds, 0.5-0.9 s
  * there, left none of them.
  */
 const WARM_UP_ROUNDS = 6000;
