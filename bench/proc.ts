@@ -81,9 +81,9 @@ export function cpuSeconds(pid: number): number {
 /**
  * Measures the machine's CPU steal over a stretch of time: the share of its
  * CPUs' time that the hypervisor gave to other guests while they had work
- * (/proc/stat's steal column, all CPUs). On a shared VM that is what most
- * often makes one run of a measurement slower than the next. 0 where the
- * kernel reports no steal.
+ * (/proc/stat's steal column, all CPUs). On a shared VM it is one reason
+ * a run of a measurement comes out slower than the next, and it is not the
+ * system's. 0 where the kernel reports no steal.
  */
 export class StealMeter {
   private readonly startedAt = performance.now();

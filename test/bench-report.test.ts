@@ -1,7 +1,8 @@
 /**
  * The bench's verdicts (bench/report.ts): each target of issue 4 decided by
- * ratios between rows of one run. Synthetic rows, so every verdict is known
- * in advance; the bench itself is never run here.
+ * ratios between rows of one run; and the CPU steal it records per system
+ * (bench/proc.ts), as the results table shows it. Synthetic rows, so every
+ * verdict is known in advance; the bench itself is never run here.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
