@@ -4,6 +4,7 @@
  * with fresh keys and a config written per run.
  *
  *   proxy mode   the client's SOCKS5 proxy on 127.0.0.1:1080 in the client namespace
+ *                (1080 + slot, and the server's port + slot, side by side with the others)
  *   TUN mode     server.tun (pool 10.66.0.0/24, its own forwarding and NAT) and
  *                client.tun (everything routed through its TUN, DNS left alone)
  *
@@ -20,7 +21,7 @@ import { loadLibsodiumAesGcm, loadLibsodiumChaCha } from '../core/libsodium-aead
 import { generateKeyPair } from '../core/x25519.ts';
 import { CLI, ROOT } from '../test/helpers/cli.ts';
 import { startIn, type BenchProc } from './proc.ts';
-import { waitForPort, type Running, type SystemSpec } from './peers.ts';
+import { socksPort, waitForPort, type Running, type SystemSpec } from './peers.ts';
 import { PORTS } from './settings.ts';
 import { exec, type BenchTopology } from './topology.ts';
 
@@ -37,8 +38,8 @@ export function newKeys(): Keys {
   return { privateKey: encodeKey(k.privateKey), publicKey: encodeKey(k.publicKey) };
 }
 
-function transportSetting(transport: string, serverIp: string): { transport: unknown; listen: string; dial: string } {
-  const listen = `${serverIp}:${PORTS.dshield}`;
+function transportSetting(transport: string, serverIp: string, slot: number): { transport: unknown; listen: string; dial: string } {
+  const listen = `${serverIp}:${PORTS.dshield + slot}`;
   if (transport === 'ws') return { transport: { use: 'ws', path: WS_PATH }, listen, dial: `ws://${listen}${WS_PATH}` };
   return { transport, listen, dial: listen };
 }
@@ -54,10 +55,12 @@ export interface DshieldConfigOptions {
   clients: Array<{ name: string; keys: Keys }>;
   tun: boolean;
   work: string;
+  /** Moves the server's port and the client's SOCKS5 port up by this much (SystemSpec.start's slot); 0 when absent. */
+  slot?: number;
 }
 
 export function serverConfig(o: DshieldConfigOptions): unknown {
-  const t = transportSetting(o.transport, o.serverIp);
+  const t = transportSetting(o.transport, o.serverIp, o.slot ?? 0);
   return {
     transport: t.transport,
     cipher: o.cipher,
@@ -76,7 +79,7 @@ export function serverConfig(o: DshieldConfigOptions): unknown {
 }
 
 export function clientConfig(o: DshieldConfigOptions, keys: Keys): unknown {
-  const t = transportSetting(o.transport, o.serverIp);
+  const t = transportSetting(o.transport, o.serverIp, o.slot ?? 0);
   return {
     transport: t.transport,
     cipher: o.cipher,
@@ -85,7 +88,7 @@ export function clientConfig(o: DshieldConfigOptions, keys: Keys): unknown {
       server: t.dial,
       serverPublicKey: o.server.publicKey,
       privateKey: keys.privateKey,
-      socks: o.tun ? false : '127.0.0.1:1080',
+      socks: o.tun ? false : `127.0.0.1:${socksPort(o.slot)}`,
       http: false,
       handshakeTimeout: 5_000,
       ...(o.tun ? { tun: { dns: false, stateDir: join(o.work, 'client-state') } } : {}),
@@ -128,8 +131,9 @@ export function dshieldProxy(transport: 'tcp' | 'ws', cipher: string): SystemSpe
     role: 'dshield',
     expectSource: 'server',
     needs: [],
-    async start(bt, work) {
-      const o = options(bt, work, transport, cipher, false);
+    async start(bt, work, slot = 0) {
+      const o = { ...options(bt, work, transport, cipher, false), slot };
+      const socks = `127.0.0.1:${socksPort(slot)}`;
       const procs: BenchProc[] = [];
       try {
         const server = startCliIn(bt.topo.ns.server, `dshield-server(${transport})`, 'server', join(work, 'server'), serverConfig(o));
@@ -138,15 +142,15 @@ export function dshieldProxy(transport: 'tcp' | 'ws', cipher: string): SystemSpe
         const client = startCliIn(bt.topo.ns.client, `dshield-client(${transport})`, 'client', join(work, 'client'), clientConfig(o, o.clients[0]!.keys));
         procs.push(client);
         await client.waitFor(/proxy ready: socks5:\/\/\S+/, 30_000);
-        await waitForPort(bt, bt.topo.ns.client, '127.0.0.1', 1080, client);
+        await waitForPort(bt, bt.topo.ns.client, '127.0.0.1', socksPort(slot), client);
       } catch (err) {
         await Promise.allSettled(procs.map((p) => p.stop()));
         throw err;
       }
       return {
         pids: procs.map((p) => p.pid),
-        socks: '127.0.0.1:1080',
-        curlProxy: ['--socks5-hostname', '127.0.0.1:1080'],
+        socks,
+        curlProxy: ['--socks5-hostname', socks],
         notes: [`dshield CLI, ${transport}, ${cipher}`, smallRecords(cipher)],
         stop: async () => {
           await Promise.allSettled(procs.map((p) => p.stop()));

@@ -179,3 +179,13 @@ export async function curlUpload(bt: BenchTopology, path: string, bytes: number,
   if (r.code !== 0 || size !== bytes || echoed !== bytes) throw new Error(`curl upload: exit ${r.code}, sent ${size}, server got ${echoed} of ${bytes}: ${r.stderr.trim()}`);
   return { bps: (bytes * 8) / time!, bytes };
 }
+
+/**
+ * A tunnel just started, warmed up and not counted: 2 s of iperf3 through it
+ * (none for the baseline, which has no process to warm) and 50 pings. Its
+ * first traffic also compiles its path, which a VPN running for hours pays once.
+ */
+export async function warmUpTunnel(bt: BenchTopology, baseline: boolean): Promise<void> {
+  if (!baseline) await iperfTcp(bt, { streams: 1, reverse: false, seconds: 2 });
+  await pingRtt(bt, 50);
+}

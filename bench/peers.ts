@@ -6,6 +6,7 @@
  *               OpenVPN 2.6 (--disable-dco, peer-to-peer TLS, throwaway PKI)
  *   proxy mode  curl straight to the web host (the baseline), microsocks
  *               (plain SOCKS5, no crypto), shadowsocks-libev ss-local/ss-server
+ *               (these run side by side, each on its own ports: see `slot`)
  *
  * A tunnel's server masquerades the tunnel subnet toward the web host, so the
  * web host's log shows the server's address for traffic that went through the
@@ -43,7 +44,17 @@ export interface SystemSpec {
   expectSource: 'client' | 'server';
   /** Debian packages (or tools) it needs; missing ones make it 'skipped'. */
   needs: string[];
-  start(bt: BenchTopology, work: string): Promise<Running>;
+  /**
+   * `slot` (proxy mode, default 0): the proxy section runs its systems side
+   * by side, and slot n moves a system's ports up by n (its SOCKS5 port,
+   * 1080 + n, and its server's), so none collide.
+   */
+  start(bt: BenchTopology, work: string, slot?: number): Promise<Running>;
+}
+
+/** The SOCKS5 port inside the client namespace of the proxy system in `slot`. */
+export function socksPort(slot = 0): number {
+  return PORTS.socks + slot;
 }
 
 async function stopAllOf(procs: BenchProc[]): Promise<void> {
@@ -231,11 +242,12 @@ export const microsocks: SystemSpec = {
   role: 'reference',
   expectSource: 'server',
   needs: ['microsocks'],
-  async start(bt) {
+  async start(bt, _work, slot = 0) {
     const { ns, addr } = bt.topo;
-    const proc = startIn(ns.server, 'microsocks', 'microsocks', ['-i', addr.serverClientSide, '-p', String(PORTS.microsocks)]);
-    await waitForPort(bt, ns.client, addr.serverClientSide, PORTS.microsocks, proc);
-    const socks = `${addr.serverClientSide}:${PORTS.microsocks}`;
+    const port = PORTS.microsocks + slot;
+    const proc = startIn(ns.server, 'microsocks', 'microsocks', ['-i', addr.serverClientSide, '-p', String(port)]);
+    await waitForPort(bt, ns.client, addr.serverClientSide, port, proc);
+    const socks = `${addr.serverClientSide}:${port}`;
     return { pids: [proc.pid], socks, curlProxy: ['--socks5-hostname', socks], notes: ['client connects straight to the proxy on the server host'], stop: () => proc.stop() };
   },
 };
@@ -249,30 +261,32 @@ function shadowsocks(method: 'chacha20-ietf-poly1305' | 'aes-256-gcm'): SystemSp
     role: 'peer',
     expectSource: 'server',
     needs: ['ss-server', 'ss-local'],
-    async start(bt, work) {
+    async start(bt, work, slot = 0) {
       const { ns, addr } = bt.topo;
       const config = join(work, `ss-${method}.json`);
+      const serverPort = PORTS.shadowsocks + slot;
+      const local = socksPort(slot);
       writeFileSync(
         config,
-        JSON.stringify({ server: addr.serverClientSide, server_port: PORTS.shadowsocks, password: randomBytes(24).toString('base64'), method, timeout: 300 }),
+        JSON.stringify({ server: addr.serverClientSide, server_port: serverPort, password: randomBytes(24).toString('base64'), method, timeout: 300 }),
         { mode: 0o600 },
       );
       const procs: BenchProc[] = [];
       try {
         const server = startIn(ns.server, 'ss-server', 'ss-server', ['-c', config]);
         procs.push(server);
-        await waitForPort(bt, ns.client, addr.serverClientSide, PORTS.shadowsocks, server);
-        const local = startIn(ns.client, 'ss-local', 'ss-local', ['-c', config, '-b', '127.0.0.1', '-l', '1080']);
-        procs.push(local);
-        await waitForPort(bt, ns.client, '127.0.0.1', 1080, local);
+        await waitForPort(bt, ns.client, addr.serverClientSide, serverPort, server);
+        const client = startIn(ns.client, 'ss-local', 'ss-local', ['-c', config, '-b', '127.0.0.1', '-l', String(local)]);
+        procs.push(client);
+        await waitForPort(bt, ns.client, '127.0.0.1', local, client);
       } catch (err) {
         await stopAllOf(procs);
         throw err;
       }
       return {
         pids: procs.map((p) => p.pid),
-        socks: '127.0.0.1:1080',
-        curlProxy: ['--socks5-hostname', '127.0.0.1:1080'],
+        socks: `127.0.0.1:${local}`,
+        curlProxy: ['--socks5-hostname', `127.0.0.1:${local}`],
         notes: [`shadowsocks-libev ${version('ss-server')}`],
         stop: () => stopAllOf(procs),
       };

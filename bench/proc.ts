@@ -83,17 +83,45 @@ export function cpuSeconds(pid: number): number {
  * CPUs' time that the hypervisor gave to other guests while they had work
  * (/proc/stat's steal column, all CPUs). On a shared VM it is one reason
  * a run of a measurement comes out slower than the next, and it is not the
- * system's. 0 where the kernel reports no steal.
+ * system's. 0 where the kernel reports no steal. It counts from when it is
+ * made, over the stretches between pause() and resume().
  */
 export class StealMeter {
-  private readonly startedAt = performance.now();
-  private readonly stolenBefore = stolenSeconds();
+  private wallSeconds = 0;
+  private stolen = 0;
+  /** When the stretch being measured began (null: paused). */
+  private since: { at: number; stolen: number } | null = null;
 
-  /** Percent of the CPUs' time stolen since the meter was made. */
-  percent(): number {
-    const wall = (performance.now() - this.startedAt) / 1000;
-    return wall > 0 ? (100 * Math.max(0, stolenSeconds() - this.stolenBefore)) / (wall * cpus().length) : 0;
+  /** Starts measuring at once; `clock` is for tests. */
+  constructor(private readonly clock: () => { at: number; stolen: number } = readClock) {
+    this.resume();
   }
+
+  /** Stop counting (a system measured in turns: the others' turns are not its own). */
+  pause(): void {
+    if (this.since === null) return;
+    const now = this.clock();
+    this.wallSeconds += (now.at - this.since.at) / 1000;
+    this.stolen += Math.max(0, now.stolen - this.since.stolen);
+    this.since = null;
+  }
+
+  resume(): void {
+    if (this.since === null) this.since = this.clock();
+  }
+
+  /** Percent of the CPUs' time stolen in the stretches measured so far. */
+  percent(): number {
+    if (this.since !== null) {
+      this.pause();
+      this.resume();
+    }
+    return this.wallSeconds > 0 ? (100 * this.stolen) / (this.wallSeconds * cpus().length) : 0;
+  }
+}
+
+function readClock(): { at: number; stolen: number } {
+  return { at: performance.now(), stolen: stolenSeconds() };
 }
 
 function stolenSeconds(): number {

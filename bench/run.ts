@@ -12,8 +12,10 @@
  *   proxy mode  curl download/upload through SOCKS5, 200 sequential 1 KiB requests
  *   scale       idle streams (memory per stream), 1,000 active streams (p99), handshakes/s
  *
- * Median of DSHIELD_BENCH_RUNS (default 3) runs; DSHIELD_BENCH_QUICK=1 for a
- * short run (see bench/settings.ts for every knob). Only ratios from the same
+ * Median of DSHIELD_BENCH_RUNS (default 3) runs, the systems of a section
+ * taking turns, so their runs share the same stretches of the machine
+ * (bench/turns.ts); DSHIELD_BENCH_QUICK=1 for a short run (see
+ * bench/settings.ts for every knob). Only ratios from the same
  * run mean anything on a shared machine: the load average is recorded.
  * Writes bench/results/results.{json,md,svg} (quick.* in quick mode).
  */
@@ -22,14 +24,15 @@ import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { canRunNetns } from '../test/helpers/netns.ts';
-import { NotAvailable, dshieldProxy, dshieldTun } from './dshield.ts';
+import { dshieldProxy, dshieldTun } from './dshield.ts';
+import { runInTurns, type Collector, type MetricDef } from './turns.ts';
 import { ensureLibsodium, ensureTools } from './install.ts';
 import { hasTool } from '../test/helpers/netns.ts';
-import { curlDownload, curlUpload, iperfTcp, pingRtt, sequentialRequests, udpSearch } from './measure.ts';
+import { curlDownload, curlUpload, iperfTcp, pingRtt, sequentialRequests, udpSearch, warmUpTunnel } from './measure.ts';
 import * as peers from './peers.ts';
 import type { Running, SystemSpec } from './peers.ts';
-import { StealMeter, withCpu } from './proc.ts';
-import { computeRatios, consoleTable, evaluateTargets, finish, markdownTable, svgChart, writeResults, type Row } from './report.ts';
+import { withCpu } from './proc.ts';
+import { computeRatios, consoleTable, evaluateTargets, markdownTable, svgChart, writeResults, type Row } from './report.ts';
 import { runHopFloor } from './hop-floor.ts';
 import { runScale } from './scale.ts';
 import { OUT_DIR, QUICK, RUNS, SECTIONS, SETTINGS, NO_INSTALL, wanted } from './settings.ts';
@@ -54,13 +57,6 @@ const PROXY_SYSTEMS: SystemSpec[] = [
   ...(['tcp', 'ws'] as const).flatMap((t) => CIPHERS.map((c) => dshieldProxy(t, c))),
 ];
 
-interface MetricDef {
-  metric: string;
-  label: string;
-  unit: string;
-  better: 'higher' | 'lower';
-  additive?: boolean;
-}
 const TUN_METRICS: MetricDef[] = [
   { metric: 'tcp1-up', label: 'TCP 1 stream client→web', unit: 'Mbit/s', better: 'higher' },
   { metric: 'tcp1-down', label: 'TCP 1 stream web→client (-R)', unit: 'Mbit/s', better: 'higher' },
@@ -78,119 +74,54 @@ const PROXY_METRICS: MetricDef[] = [
   { metric: 'requests', label: `${SETTINGS.requests} × 1 KiB requests (new conn each)`, unit: 'ms/req', better: 'lower', additive: true },
 ];
 
-function emptyRows(spec: SystemSpec, defs: MetricDef[], status: Row['status'], reason?: string): Row[] {
-  return defs.map((d) => ({
-    section: spec.mode,
-    id: spec.id,
-    system: spec.system,
-    mode: spec.mode === 'tun' ? 'TUN' : 'SOCKS5',
-    cipher: spec.cipher,
-    role: spec.role,
-    ...d,
-    runs: [],
-    status,
-    reason,
-  }));
-}
-
-/** Per metric: the run values and the CPU seconds / bytes of the system's processes. */
-class Collector {
-  readonly values = new Map<string, number[]>();
-  readonly cpu = new Map<string, { cpu: number; bytes: number }>();
-  readonly extra = new Map<string, unknown[]>();
-  add(metric: string, value: number, cpu?: { cpu: number; bytes: number }, extra?: unknown): void {
-    (this.values.get(metric) ?? this.values.set(metric, []).get(metric)!).push(value);
-    if (cpu) {
-      const c = this.cpu.get(metric) ?? { cpu: 0, bytes: 0 };
-      this.cpu.set(metric, { cpu: c.cpu + cpu.cpu, bytes: c.bytes + cpu.bytes });
-    }
-    if (extra !== undefined) (this.extra.get(metric) ?? this.extra.set(metric, []).get(metric)!).push(extra);
-  }
-}
-
-async function measureTun(bt: BenchTopology, sys: Running, c: Collector, marker: string): Promise<void> {
+/** One run of the TUN measurements, in this order: TCP, the UDP rate search, then the lone packets (ping, requests). */
+async function measureTunRun(bt: BenchTopology, sys: Running, c: Collector, marker: string, run: number): Promise<void> {
   const S = SETTINGS;
-  for (let run = 0; run < RUNS; run++) {
-    for (const [metric, streams, reverse] of [
-      ['tcp1-up', 1, false],
-      ['tcp1-down', 1, true],
-      ['tcp4-up', 4, false],
-      ['tcp4-down', 4, true],
-    ] as const) {
-      const { value, cpu } = await withCpu(sys.pids, () => iperfTcp(bt, { streams, reverse, seconds: S.tcpSeconds }));
-      c.add(metric, value.bps / 1e6, sys.pids.length ? { cpu, bytes: value.bytes } : undefined);
-    }
-    const udp = await withCpu(sys.pids, () => udpSearch(bt, S.udpSeconds, S.udpSteps));
-    c.add('udp-pps', udp.value.pps / 1000, sys.pids.length ? { cpu: udp.cpu, bytes: udp.value.bytes } : undefined, udp.value.steps);
-    c.add('ping', await pingRtt(bt, S.pings));
-    c.add('requests', await sequentialRequests(bt, S.requests, `${marker}&run=${run}`, []));
+  for (const [metric, streams, reverse] of [
+    ['tcp1-up', 1, false],
+    ['tcp1-down', 1, true],
+    ['tcp4-up', 4, false],
+    ['tcp4-down', 4, true],
+  ] as const) {
+    const { value, cpu } = await withCpu(sys.pids, () => iperfTcp(bt, { streams, reverse, seconds: S.tcpSeconds }));
+    c.add(metric, value.bps / 1e6, sys.pids.length ? { cpu, bytes: value.bytes } : undefined);
   }
+  const udp = await withCpu(sys.pids, () => udpSearch(bt, S.udpSeconds, S.udpSteps));
+  c.add('udp-pps', udp.value.pps / 1000, sys.pids.length ? { cpu: udp.cpu, bytes: udp.value.bytes } : undefined, udp.value.steps);
+  c.add('ping', await pingRtt(bt, S.pings));
+  c.add('requests', await sequentialRequests(bt, S.requests, `${marker}&run=${run}`, []));
 }
 
-async function measureProxy(bt: BenchTopology, sys: Running, c: Collector, marker: string, uploadFile: string): Promise<void> {
+/**
+ * What each proxy system carries before its first run, not counted: a
+ * process's first transfer also compiles its path (V8's optimizing compiler
+ * runs on threads of the same process), which a proxy that runs for hours
+ * pays once. Every system gets it, whether it needs it or not.
+ */
+async function warmUpProxy(bt: BenchTopology, sys: Running, warmUpFile: string): Promise<void> {
   const proxy = sys.curlProxy ?? [];
-  for (let run = 0; run < RUNS; run++) {
-    const down = await withCpu(sys.pids, () => curlDownload(bt, SETTINGS.proxyBytes, `${marker}&run=${run}`, proxy));
-    c.add('download', down.value.bps / 8e6, sys.pids.length ? { cpu: down.cpu, bytes: down.value.bytes } : undefined);
-    const up = await withCpu(sys.pids, () => curlUpload(bt, uploadFile, SETTINGS.proxyBytes, `${marker}&run=${run}`, proxy));
-    c.add('upload', up.value.bps / 8e6, sys.pids.length ? { cpu: up.cpu, bytes: up.value.bytes } : undefined);
-    c.add('requests', await sequentialRequests(bt, SETTINGS.requests, `${marker}&run=${run}`, proxy));
-  }
+  await curlDownload(bt, PROXY_WARM_UP_BYTES, 'warm-up', proxy);
+  await curlUpload(bt, warmUpFile, PROXY_WARM_UP_BYTES, 'warm-up', proxy);
+}
+const PROXY_WARM_UP_BYTES = 64 * 1024 * 1024;
+
+/** A file of `bytes` to upload. */
+function uploadFileOf(path: string, bytes: number): string {
+  const fd = openSync(path, 'w');
+  const chunk = Buffer.alloc(1024 * 1024, 'u');
+  for (let i = 0; i < bytes / chunk.length; i++) writeSync(fd, chunk);
+  closeSync(fd);
+  return path;
 }
 
-async function runSystem(bt: BenchTopology, spec: SystemSpec, defs: MetricDef[], measure: (sys: Running, c: Collector, marker: string) => Promise<void>): Promise<Row[]> {
-  const missing = spec.needs.filter((t) => !hasTool(t));
-  if (missing.length) {
-    console.log(`  ${spec.id}: skipped (${missing.join(', ')} not installed)`);
-    return emptyRows(spec, defs, 'skipped', `${missing.join(', ')} not installed`);
-  }
-  const work = mkdtempSync(join(tmpdir(), 'dshield-bench-'));
-  let sys: Running | undefined;
-  const t0 = Date.now();
-  try {
-    try {
-      sys = await spec.start(bt, work);
-    } catch (err) {
-      const why = (err as Error).message.split('\n')[0]!;
-      const status = err instanceof NotAvailable ? 'not available yet' : 'failed';
-      console.log(`  ${spec.id}: ${status} — ${why}`);
-      return emptyRows(spec, defs, status, why);
-    }
-    const marker = `sys=${encodeURIComponent(spec.id)}`;
-    const c = new Collector();
-    const steal = new StealMeter();
-    try {
-      await measure(sys, c, marker);
-    } catch (err) {
-      const why = (err as Error).message.split('\n')[0]!;
-      console.log(`  ${spec.id}: failed while measuring — ${why}`);
-      return emptyRows(spec, defs, 'failed', why);
-    }
-    // Proof of path: every small request of this system reached the web host from the expected address.
-    const expected = spec.expectSource === 'server' ? bt.topo.addr.serverWebSide : bt.topo.addr.client;
-    const sources = [...new Set(bt.sourcesOf(marker))];
-    if (sources.length !== 1 || sources[0] !== expected) {
-      const why = `the web host saw requests from ${sources.join(', ') || 'nowhere'}, expected only ${expected}: traffic did not take the system's path`;
-      console.log(`  ${spec.id}: failed — ${why}`);
-      return emptyRows(spec, defs, 'failed', why);
-    }
-    const stealPercent = steal.percent();
-    const rows = defs.map((d): Row => {
-      const cpu = c.cpu.get(d.metric);
-      return finish({
-        ...emptyRows(spec, [d], 'ok')[0]!,
-        runs: c.values.get(d.metric) ?? [],
-        cpuSecPerGB: cpu && cpu.bytes > 0 ? cpu.cpu / (cpu.bytes / 1e9) : undefined,
-        stealPercent,
-        extra: { source: expected, notes: sys!.notes, ...(c.extra.has(d.metric) ? { detail: c.extra.get(d.metric) } : {}) },
-      });
-    });
-    console.log(`  ${spec.id}: ${rows.map((r) => `${r.metric} ${r.median?.toFixed(2)}`).join(', ')} (${((Date.now() - t0) / 1000).toFixed(0)} s, CPU steal ${stealPercent.toFixed(1)} %; web host saw ${expected})`);
-    return rows;
-  } finally {
-    await sys?.stop().catch(() => {});
-    rmSync(work, { recursive: true, force: true });
-  }
+/** One run of the proxy measurements: a download, an upload, and the sequential requests. */
+async function measureProxyRun(bt: BenchTopology, sys: Running, c: Collector, marker: string, uploadFile: string, run: number): Promise<void> {
+  const proxy = sys.curlProxy ?? [];
+  const down = await withCpu(sys.pids, () => curlDownload(bt, SETTINGS.proxyBytes, `${marker}&run=${run}`, proxy));
+  c.add('download', down.value.bps / 8e6, sys.pids.length ? { cpu: down.cpu, bytes: down.value.bytes } : undefined);
+  const up = await withCpu(sys.pids, () => curlUpload(bt, uploadFile, SETTINGS.proxyBytes, `${marker}&run=${run}`, proxy));
+  c.add('upload', up.value.bps / 8e6, sys.pids.length ? { cpu: up.cpu, bytes: up.value.bytes } : undefined);
+  c.add('requests', await sequentialRequests(bt, SETTINGS.requests, `${marker}&run=${run}`, proxy));
 }
 
 function load(): number[] {
@@ -223,18 +154,33 @@ async function main(): Promise<void> {
     console.log(`topology ${bt.topo.id}: client ${bt.topo.ns.client}, server ${bt.topo.ns.server}, web ${bt.topo.ns.web}`);
     if (SECTIONS.has('tun')) {
       console.log('TUN mode:');
-      for (const spec of TUN_SYSTEMS.filter((s) => wanted(s.id))) rows.push(...(await runSystem(bt, spec, TUN_METRICS, (sys, c, m) => measureTun(bt, sys, c, m))));
+      rows.push(
+        ...(await runInTurns(bt, {
+          specs: TUN_SYSTEMS.filter((s) => wanted(s.id)),
+          defs: TUN_METRICS,
+          runs: RUNS,
+          sideBySide: false,
+          warmUp: (_sys, spec) => warmUpTunnel(bt, spec.role === 'baseline'),
+          run: (sys, c, marker, run) => measureTunRun(bt, sys, c, marker, run),
+        })),
+      );
       if (wanted('hop/floor')) rows.push(...(await runHopFloor(bt)));
       loads.push({ at: 'after tun', load: load() });
     }
     if (SECTIONS.has('proxy')) {
       console.log('proxy mode:');
-      const uploadFile = join(uploadDir, 'upload.bin');
-      const fd = openSync(uploadFile, 'w');
-      const chunk = Buffer.alloc(1024 * 1024, 'u');
-      for (let i = 0; i < SETTINGS.proxyBytes / chunk.length; i++) writeSync(fd, chunk);
-      closeSync(fd);
-      for (const spec of PROXY_SYSTEMS.filter((s) => wanted(s.id))) rows.push(...(await runSystem(bt, spec, PROXY_METRICS, (sys, c, m) => measureProxy(bt, sys, c, m, uploadFile))));
+      const uploadFile = uploadFileOf(join(uploadDir, 'upload.bin'), SETTINGS.proxyBytes);
+      const warmUpFile = uploadFileOf(join(uploadDir, 'warm-up.bin'), PROXY_WARM_UP_BYTES);
+      rows.push(
+        ...(await runInTurns(bt, {
+          specs: PROXY_SYSTEMS.filter((s) => wanted(s.id)),
+          defs: PROXY_METRICS,
+          runs: RUNS,
+          sideBySide: true,
+          warmUp: (sys) => warmUpProxy(bt, sys, warmUpFile),
+          run: (sys, c, marker, run) => measureProxyRun(bt, sys, c, marker, uploadFile, run),
+        })),
+      );
       loads.push({ at: 'after proxy', load: load() });
     }
     if (SECTIONS.has('scale')) {
@@ -266,7 +212,7 @@ async function main(): Promise<void> {
     installProblems: problems,
     notes: [
       'CPU s/GB sums utime+stime of the system\'s own processes (/proc/PID/stat) over the bytes the receiver got; kernel work in softirq (forwarding, veth, TUN queues, NAT) is attributed to no process, so it is not counted for anyone, and the plain baseline shows none.',
-      'Each system is set up, measured RUNS times, and torn down before the next; the machine is shared, so compare ratios within this run.',
+      'The systems of a section take turns (bench/turns.ts): run 1 of each, then run 2 of each in the opposite order, and so on, so every system\'s runs are spread over the same stretch of this shared machine. In TUN mode each system is started for its turn and stopped after it (their tunnels would take the same routes); in proxy mode all are up at once, each on its own ports. After every start a system is warmed up, not counted (TUN: 2 s of iperf3 and 50 pings; proxy: 64 MiB each way): a process\'s first traffic also compiles its path. Compare ratios within this run.',
       'The web host logs the source address of every request: tunnel and proxy rows are kept only if all their requests came from the server namespace (the baseline: from the client).',
       'CPU steal is the share of the machine\'s CPU time (all CPUs, /proc/stat) that the hypervisor gave to other guests while the system was measured: on a shared VM, a row measured under a few percent of steal can come out slower for that alone, latency rows most (a lone packet waits for a CPU the hypervisor took).',
     ],

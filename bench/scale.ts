@@ -77,7 +77,7 @@ async function idleStreams(bt: BenchTopology): Promise<Row[]> {
       const [sp, cp] = sys.pids as [number, number];
       await sleep(1000);
       const before = [rssBytes(sp), rssBytes(cp)];
-      const d = driver(bt, ['idle', '127.0.0.1', '1080', bt.webIp, String(PORTS.idle), String(n)]);
+      const d = driver(bt, ['idle', '127.0.0.1', String(PORTS.socks), bt.webIp, String(PORTS.idle), String(n)]);
       try {
         const m = await d.waitFor(/^OPENED (.*)$/m, 180_000);
         const r = JSON.parse(m[1]!) as { opened: number; failed: number; firstError?: string };

@@ -53,4 +53,4 @@ export const SETTINGS = {
 } as const;
 
 /** Fixed ports inside the namespaces (each namespace is private to this run). */
-export const PORTS = { http: 80, idle: 9001, echo: 9002, iperf: 5201, dshield: 8443, wireguard: 51820, openvpn: 1194, shadowsocks: 8388, microsocks: 1081, hopC: 9003, hopNode: 9004, hopProbe: 9005, hopNodeLoop: 9006, hopNodeUring: 9007, relay: 9008 } as const;
+export const PORTS = { http: 80, socks: 1080, idle: 9001, echo: 9002, iperf: 5201, dshield: 8443, wireguard: 51820, openvpn: 1194, shadowsocks: 8388, microsocks: 1081, hopC: 9003, hopNode: 9004, hopProbe: 9005, hopNodeLoop: 9006, hopNodeUring: 9007, relay: 9008 } as const;

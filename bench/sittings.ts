@@ -14,7 +14,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { iperfTcp, pingRtt } from './measure.ts';
+import { warmUpTunnel } from './measure.ts';
 import type { Running, SystemSpec } from './peers.ts';
 import { createBenchTopology, type BenchTopology } from './topology.ts';
 
@@ -38,8 +38,7 @@ export async function runSitting(s: Sitting): Promise<void> {
         try {
           const running = await spec.start(bt, work);
           try {
-            if (spec.role !== 'baseline') await iperfTcp(bt, { streams: 1, reverse: false, seconds: 2 });
-            await pingRtt(bt, 50);
+            await warmUpTunnel(bt, spec.role === 'baseline');
             await s.measure(name, running, bt, round, backwards);
           } finally {
             await running.stop();

@@ -1,13 +1,15 @@
 /**
  * The bench's verdicts (bench/report.ts): each target of issue 4 decided by
  * ratios between rows of one run; and the CPU steal it records per system
- * (bench/proc.ts), as the results table shows it. Synthetic rows, so every
+ * (bench/proc.ts: over a system's own turns when systems take turns), as the
+ * results table shows it. Synthetic rows, so every
  * verdict is known in advance; the bench itself is never run here.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { computeRatios, evaluateTargets, finish, markdownTable, type Row, type Target } from '../bench/report.ts';
-import { stealInProcStat } from '../bench/proc.ts';
+import { StealMeter, stealInProcStat } from '../bench/proc.ts';
+import { cpus } from 'node:os';
 
 type Spec = Pick<Row, 'section' | 'id' | 'role' | 'metric'> & Partial<Row>;
 
@@ -122,6 +124,26 @@ test('proxy: each dshield row against shadowsocks-libev with the same cipher; me
   assert.is(verdict(targets, '≤ 16 KiB server memory per idle stream').verdict, 'PASS');
   // A p99 inside 50 ms with a stream that got no round trip at all is a starved stream: not met.
   assert.is(verdict(targets, 'p99 of a 1 KiB request ≤ 50 ms').verdict, 'FAIL');
+});
+
+test('CPU steal: a system measured in turns counts only its own turns', () => {
+  // A clock the test moves: wall milliseconds, and steal in seconds over all CPUs.
+  const now = { at: 0, stolen: 0 };
+  const meter = new StealMeter(() => ({ ...now }));
+  const n = cpus().length;
+  now.at = 10_000; // its own turn: 10 s, 10 % of the CPUs' time stolen
+  now.stolen = 0.1 * 10 * n;
+  meter.pause();
+  now.at = 30_000; // another system's turn, heavily stolen: not counted
+  now.stolen += 0.5 * 20 * n;
+  meter.resume();
+  meter.resume(); // resuming twice starts no second stretch
+  now.at = 40_000; // its own again: 10 s, none stolen
+  assert.ok(Math.abs(meter.percent() - 5) < 1e-9, `5 % over its 20 s, got ${meter.percent()}`);
+  meter.pause();
+  meter.pause();
+  now.at = 100_000;
+  assert.ok(Math.abs(meter.percent() - 5) < 1e-9, 'a paused meter stays where it was');
 });
 
 test('CPU steal: read from /proc/stat, shown per row in the results table', () => {
