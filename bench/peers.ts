@@ -46,8 +46,8 @@ export interface SystemSpec {
   needs: string[];
   /**
    * `slot` (proxy mode, default 0): the proxy section runs its systems side
-   * by side, and slot n moves a system's ports up by n (its SOCKS5 port,
-   * 1080 + n, and its server's), so none collide.
+   * by side, and slot n moves each port a system listens on up by n (a
+   * client-side SOCKS5 proxy's, 1080 + n, and its server's), so none collide.
    */
   start(bt: BenchTopology, work: string, slot?: number): Promise<Running>;
 }

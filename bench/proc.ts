@@ -84,7 +84,7 @@ export function cpuSeconds(pid: number): number {
  * (/proc/stat's steal column, all CPUs). On a shared VM it is one reason
  * a run of a measurement comes out slower than the next, and it is not the
  * system's. 0 where the kernel reports no steal. It counts from when it is
- * made, over the stretches between pause() and resume().
+ * made, except while paused (from pause() to the next resume()).
  */
 export class StealMeter {
   private wallSeconds = 0;

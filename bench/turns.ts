@@ -79,11 +79,17 @@ export function emptyRows(spec: SystemSpec, defs: MetricDef[], status: Row['stat
 /** One run of a system that is up: what it measures goes into `c`; its small requests carry `marker`. */
 export type MeasureRun = (sys: Running, c: Collector, marker: string, run: number) => Promise<void>;
 
+/** What runInTurns measures, and how. */
 export interface Turns {
+  /** The section's systems, in the order of the first turn. */
   specs: SystemSpec[];
+  /** The rows each system gets (the metrics `run` fills in). */
   defs: MetricDef[];
+  /** Turns, so runs per system (the median of them is reported). */
   runs: number;
+  /** True: all systems up at once, each in its own slot; false: each started for its turn only. */
   sideBySide: boolean;
+  /** After every start, not counted. */
   warmUp(sys: Running, spec: SystemSpec): Promise<void>;
   run: MeasureRun;
 }
@@ -110,6 +116,7 @@ class Entry {
   }
 }
 
+/** Every system's rows, in the order of `t.specs`; whatever it started is stopped and removed, whatever happens. */
 export async function runInTurns(bt: BenchTopology, t: Turns): Promise<Row[]> {
   const entries = t.specs.map((spec, i) => new Entry(spec, t.sideBySide ? i : 0));
   for (const e of entries) {
